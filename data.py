@@ -1,0 +1,170 @@
+"""SimMIM data: the mask generator, transforms, an image-folder dataset that survives bad files, and the loader."""
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
+
+
+class MaskGenerator:
+    """Random SimMIM mask on the model's patch grid (1 = masked).
+
+    The image is cut into (input_size / mask_patch_size)^2 cells; ceil(cells * mask_ratio) of them, chosen uniformly
+    at random, are masked, and each cell is repeated to cover mask_patch_size / model_patch_size model patches.
+    Swin at 192px: 22 of 36 cells, a 48x48 mask; ViT at 224px: 30 of 49 cells, a 14x14 mask.
+    """
+
+    def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
+        if input_size % mask_patch_size:
+            raise ValueError(f"image size {input_size} is not divisible by the mask patch size {mask_patch_size}")
+        if mask_patch_size % model_patch_size:
+            raise ValueError(f"mask patch size {mask_patch_size} is not divisible by the model's patch size "
+                             f"{model_patch_size}")
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+        self.rand_size = input_size // mask_patch_size
+        self.scale = mask_patch_size // model_patch_size
+        self.mask_count = math.ceil(self.rand_size ** 2 * mask_ratio)
+
+    def __call__(self):
+        """-> int64 tensor (input_size / model_patch_size,) * 2, drawn from torch's global generator."""
+        mask = torch.zeros(self.rand_size ** 2, dtype=torch.int64)
+        mask[torch.randperm(self.rand_size ** 2)[:self.mask_count]] = 1
+        mask = mask.view(self.rand_size, self.rand_size)
+        return mask.repeat_interleave(self.scale, 0).repeat_interleave(self.scale, 1)
+
+
+def normalization(in_chans, mean=None, std=None):
+    """ImageNet statistics by default (their channel average for one channel); anything else must be given."""
+    if mean is None and std is None:
+        if in_chans == 3:
+            mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        elif in_chans == 1:
+            mean, std = [sum(IMAGENET_DEFAULT_MEAN) / 3], [sum(IMAGENET_DEFAULT_STD) / 3]
+    if mean is None or std is None or len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"need --mean and --std with {in_chans} values each for {in_chans}-channel images")
+    return T.Normalize(mean, std)
+
+
+class PretrainTransform:
+    """image -> (normalised tensor, mask): RandomResizedCrop(scale 0.67-1, bilinear), horizontal flip, the mask."""
+
+    def __init__(self, img_size, mask_generator, normalize):
+        self.transform = T.Compose([
+            T.RandomResizedCrop(img_size, scale=(0.67, 1.), ratio=(3. / 4., 4. / 3.),
+                                interpolation=T.InterpolationMode.BILINEAR),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize,
+        ])
+        self.mask_generator = mask_generator
+
+    def __call__(self, img):
+        return self.transform(img), self.mask_generator()
+
+
+def eval_transform(img_size, normalize, crop_pct=224 / 256):
+    """Resize the short side to int(img_size / crop_pct) (bicubic), center crop img_size, normalise."""
+    return T.Compose([
+        T.Resize(int(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        normalize,
+    ])
+
+
+def load_image(path, in_chans=3):
+    """Open any image as the model's channels: 'RGB' for 3, 'L' for 1.
+
+    EXIF orientation is applied (photos come out as viewers show them); transparency is composited on white; 16-bit
+    and 32-bit integer images are scaled from 0-65535 to 0-255, float images from their own min-max range.
+    """
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)  # also loads the pixels, so a truncated file fails here
+    if img.mode.startswith('I'):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    elif img.mode == 'F':
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1e-12)).astype(np.uint8))
+    if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
+        img = img.convert('RGBA')
+        img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
+    return img.convert('L' if in_chans == 1 else 'RGB')
+
+
+def find_images(root):
+    """All image files under root, recursively, sorted; labels from the first-level folders when every image is in
+    one (ImageNet layout), else -1. -> (samples [(path, label)], class names)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data path '{root}' is not a folder; point --data-path at a folder of images")
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
+                   if f.lower().endswith(IMG_EXTENSIONS))
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under '{root}'")
+    tops = [os.path.relpath(p, root).split(os.sep)[0] for p in paths]
+    if any(t == os.path.relpath(p, root) for t, p in zip(tops, paths)):  # some image lies directly in root
+        return [(p, -1) for p in paths], []
+    classes = sorted(set(tops))
+    index = {c: i for i, c in enumerate(classes)}
+    return [(p, index[t]) for p, t in zip(paths, tops)], classes
+
+
+class ImageDataset(Dataset):
+    """Images under a folder (recursively) -> (transform(image), label, skipped).
+
+    A file that cannot be read is skipped with a warning naming it, and the next one is used instead; `skipped` counts
+    such files so that the training log can report them. An index may come as (index, seed) from SeededSampler: the
+    transform then runs under that seed, so augmentations and masks do not depend on workers or restarts.
+    """
+
+    def __init__(self, root, transform, in_chans=3):
+        self.root = root
+        self.samples, self.classes = find_images(root)
+        self.transform = transform
+        self.in_chans = in_chans
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """-> (image, label, skipped): the image at index, or the next readable one."""
+        for skipped in range(len(self.samples)):
+            path, label = self.samples[(index + skipped) % len(self.samples)]
+            try:
+                return load_image(path, self.in_chans), label, skipped
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                warnings.warn(f"skipping unreadable image {path}: {e}")
+        raise RuntimeError(f"none of the {len(self.samples)} image files under '{self.root}' could be read")
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img, label, skipped = self.load(index)
+        if seed is None:
+            return self.transform(img), label, skipped
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), label, skipped
+
+
+class SeededSampler(DistributedSampler):
+    """DistributedSampler (also for a single process) that hands each index out with a seed derived from
+    (seed, epoch, index): the order and every sample's random augmentation are a function of the epoch alone."""
+
+    def __iter__(self):
+        for index in super().__iter__():
+            yield index, hash((self.seed, self.epoch, index)) & 0xFFFF_FFFF_FFFF
+
+
+def build_loader(dataset, batch_size, num_workers, seed, world_size=1, rank=0, train=True):
+    """Training: shuffled per epoch (call loader.sampler.set_epoch), incomplete last batch dropped.
+    Evaluation: in order, every rank gets a share (DistributedSampler pads it to equal length)."""
+    sampler = SeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, drop_last=train)

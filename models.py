@@ -1,0 +1,261 @@
+"""SimMIM models: Swin / SwinV2 / ViT encoders with a mask token, the SimMIM wrapper and the model builders.
+
+The encoders are timm's backbones; we only add what SimMIM needs: a learned mask token that replaces the embeddings
+of masked patches right after the patch embedding, an output reshaped to a feature map, and fused attention.
+
+    model = build_simmim('swin_base')              # 192px, window 6: the paper's Swin-B
+    loss = model(images, mask)                     # images (B, 3, 192, 192), mask (B, 48, 48) with 1 = masked
+    pictures = model.reconstruct(images, mask)     # (B, 3, 192, 192), same normalisation as the input
+    classifier = build_classifier('swin_base', num_classes=1000)   # 224px, window 7, for fine-tuning
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers import trunc_normal_
+from timm.models.beit import Beit
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2, WindowAttention as WindowAttentionV2
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Named models. `window_div`: the default window is img_size // window_div, which gives the official windows
+# (Swin-T/S/B: 6 at 192px, 7 at 224px; Swin-L and SwinV2: 12 at 192px, 14 at 224px). `drop_path`: the official
+# (pretrain, fine-tune) stochastic depth rates.
+
+SWIN, SWINV2, VIT = 'swin', 'swinv2', 'vit'
+MODELS = {
+    'swin_tiny': dict(family=SWIN, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_div=32,
+                      drop_path=(0.0, 0.1)),
+    'swin_small': dict(family=SWIN, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_div=32,
+                       drop_path=(0.0, 0.1)),
+    'swin_base': dict(family=SWIN, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_div=32,
+                      drop_path=(0.0, 0.1)),
+    'swin_large': dict(family=SWIN, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_div=16,
+                       drop_path=(0.0, 0.2)),
+    'swinv2_tiny': dict(family=SWINV2, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_div=16,
+                        drop_path=(0.1, 0.1)),
+    'swinv2_small': dict(family=SWINV2, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_div=16,
+                         drop_path=(0.1, 0.1)),
+    'swinv2_base': dict(family=SWINV2, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_div=16,
+                        drop_path=(0.1, 0.1)),
+    'swinv2_large': dict(family=SWINV2, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_div=16,
+                         drop_path=(0.1, 0.2)),
+    'vit_small': dict(family=VIT, embed_dim=384, depth=12, num_heads=6, drop_path=(0.1, 0.1)),
+    'vit_base': dict(family=VIT, embed_dim=768, depth=12, num_heads=12, drop_path=(0.1, 0.1)),
+    'vit_large': dict(family=VIT, embed_dim=1024, depth=24, num_heads=16, drop_path=(0.1, 0.2)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoders
+
+def apply_mask_token(x, mask, mask_token):
+    """Replace the embeddings of masked patches: x (B, ..., C), mask (B, ...) with 1 = masked, mask_token (1, 1, C)."""
+    if mask.shape != x.shape[:-1]:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the patch grid {tuple(x.shape[:-1])}: "
+                         f"make the mask with model_patch_size = the encoder's patch size and the same image size")
+    w = mask.unsqueeze(-1).type_as(x)
+    return x * (1 - w) + mask_token.to(x.dtype) * w
+
+
+class FusedWindowAttentionV2(WindowAttentionV2):
+    """timm's SwinV2 window attention (cosine attention, log-spaced continuous position bias) through
+    scaled_dot_product_attention; same parameters and outputs, without materialising the attention matrix."""
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        logit_scale = torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()
+        q = F.normalize(q, dim=-1) * logit_scale
+        k = F.normalize(k, dim=-1)
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = 16 * torch.sigmoid(table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
+        bias = bias.unsqueeze(0)  # (1, nH, N, N)
+        if mask is not None:  # shifted windows: (nW, N, N) of 0 / -100, windows are batch-major
+            nw = mask.shape[0]
+            bias = (bias.unsqueeze(1) + mask.view(1, nw, 1, N, N)).expand(B_ // nw, -1, -1, -1, -1)
+            bias = bias.reshape(-1, self.num_heads, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0,
+                                           dropout_p=self.attn_drop.p if self.training else 0.)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, C)))
+
+
+def use_fused_attention(model):
+    """Turn on scaled_dot_product_attention in every attention layer (timm leaves it off for Swin)."""
+    for m in model.modules():
+        if type(m) is WindowAttentionV2:
+            m.__class__ = FusedWindowAttentionV2
+        elif hasattr(m, 'fused_attn'):
+            m.fused_attn = True
+    return model
+
+
+class MaskedSwin:
+    """Adds SimMIM's mask token to timm's Swin / SwinV2 (mixed in first): forward(x, mask) -> (B, C, H/32, W/32)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(num_classes=0, **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=.02)
+        use_fused_attention(self)
+
+    def forward(self, x, mask=None):
+        x = self.patch_embed(x)  # (B, H/4, W/4, C), after the patch norm
+        if mask is not None:
+            x = apply_mask_token(x, mask, self.mask_token)
+        x = self.norm(self.layers(x))
+        return x.permute(0, 3, 1, 2)
+
+
+class SwinEncoder(MaskedSwin, SwinTransformer):
+    pass
+
+
+class SwinV2Encoder(MaskedSwin, SwinTransformerV2):
+    pass
+
+
+class ViTEncoder(Beit):
+    """The paper's ViT (timm's BEiT: no absolute position embedding, one relative position bias shared by all blocks,
+    layer scale, q/v biases) with a mask token: forward(x, mask) -> (B, C, H/16, W/16), the cls token dropped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(num_classes=0, global_pool='', use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
+                         **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=.02)
+        use_fused_attention(self)
+
+    def forward(self, x, mask=None):
+        x = self.patch_embed(x)  # (B, N, C)
+        if mask is not None:
+            x = apply_mask_token(x, mask.flatten(1), self.mask_token)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x)
+        rel_pos_bias = self.rel_pos_bias()
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        x = self.norm(x)[:, 1:]
+        h, w = self.patch_embed.grid_size
+        return x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SimMIM
+
+class SimMIM(nn.Module):
+    """An encoder and a one-layer decoder (1x1 conv + PixelShuffle) regressing the raw pixels of masked patches.
+
+    encoder(x, mask) must return (B, C, H/stride, W/stride). The loss is the L1 distance on masked pixels only,
+    averaged over masked pixels and channels. With norm_target_window > 0 the target is each pixel normalised by the
+    mean and std of its (odd) window, as the SwinV2 SimMIM configs of microsoft/Swin-Transformer do (window 47).
+    """
+
+    def __init__(self, encoder, encoder_stride, norm_target_window=0):
+        super().__init__()
+        if norm_target_window and norm_target_window % 2 == 0:
+            raise ValueError(f"norm_target_window must be odd, got {norm_target_window}")
+        self.encoder = encoder
+        self.encoder_stride = encoder_stride
+        self.in_chans = encoder.in_chans
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        self.norm_target_window = norm_target_window
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, encoder_stride ** 2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(encoder_stride),
+        )
+
+    def reconstruct(self, x, mask):
+        """x (B, in_chans, H, W), mask (B, H/p, W/p) -> predicted pixels (B, in_chans, H, W) everywhere."""
+        return self.decoder(self.encoder(x, mask))
+
+    def forward(self, x, mask):
+        """-> the scalar loss, computed in float32."""
+        x_rec = self.reconstruct(x, mask).float()
+        x = x.float()
+        m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2).unsqueeze(1).type_as(x)
+        target = local_normalize(x, self.norm_target_window) if self.norm_target_window else x
+        return ((target - x_rec).abs() * m).sum() / (m.sum() + 1e-5) / self.in_chans
+
+
+def local_normalize(x, window):
+    """Normalise each pixel by the mean and unbiased std of the window x window neighbourhood inside the image."""
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
+    mean_sq = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
+    count = F.avg_pool2d(torch.ones_like(x[:, :1]), count_include_pad=True, **pool) * window ** 2
+    var = ((mean_sq - mean ** 2) * count / (count - 1)).clamp(min=0)
+    return (x - mean) / (var + 1e-6) ** 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders
+
+def model_kwargs(name, img_size, pretrain, **overrides):
+    """The timm constructor arguments of a named model at img_size, with overrides applied and checked."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
+    cfg = dict(MODELS[name])
+    family, window_div, drop_path = cfg.pop('family'), cfg.pop('window_div', None), cfg.pop('drop_path')
+    img_size = img_size or (224 if family == VIT or not pretrain else 192)
+    kw = dict(img_size=img_size, drop_path_rate=drop_path[0 if pretrain else 1], **cfg)
+    if family == VIT:
+        kw.update(patch_size=16, init_values=0.1)
+    else:
+        kw.update(patch_size=4, window_size=img_size // window_div)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if family != VIT:
+        check_swin_sizes(kw['img_size'], kw['patch_size'], len(kw['depths']), kw['window_size'])
+    elif kw['img_size'] % kw['patch_size']:
+        raise ValueError(f"image size {kw['img_size']} is not divisible by the patch size {kw['patch_size']}")
+    return family, kw
+
+
+def check_swin_sizes(img_size, patch_size, num_stages, window_size):
+    """Every stage's resolution must be divisible by its window (or be at most the window, which then shrinks)."""
+    stride = patch_size * 2 ** (num_stages - 1)
+    if img_size % stride:
+        raise ValueError(f"image size {img_size} is not divisible by the encoder stride {stride} "
+                         f"(patch size x 2^(stages-1)); use a multiple of {stride}")
+    for i in range(num_stages):
+        res = img_size // patch_size // 2 ** i
+        if res > window_size and res % window_size:
+            raise ValueError(f"window size {window_size} does not divide stage {i}'s resolution {res} at image size "
+                             f"{img_size}; pick a window that divides {res} (the default is image size / 32 for "
+                             f"Swin-T/S/B and / 16 for Swin-L and SwinV2)")
+
+
+def build_encoder(name, img_size=None, pretrain=True, **overrides):
+    """The masked encoder of a named model and its output stride."""
+    family, kw = model_kwargs(name, img_size, pretrain, **overrides)
+    if family == VIT:
+        return ViTEncoder(**kw), kw['patch_size']
+    encoder = (SwinEncoder if family == SWIN else SwinV2Encoder)(**kw)
+    return encoder, kw['patch_size'] * 2 ** (len(kw['depths']) - 1)
+
+
+def build_simmim(name, img_size=None, norm_target_window=0, use_checkpoint=False, **overrides):
+    """A SimMIM model for pretraining, by default at the official size (192px for Swin, 224px for ViT). overrides: any architecture field (window_size, embed_dim, depths, num_heads,
+    depth, patch_size, in_chans, drop_path_rate, mlp_ratio, ...); None values are ignored."""
+    encoder, stride = build_encoder(name, img_size, pretrain=True, **overrides)
+    encoder.set_grad_checkpointing(use_checkpoint)
+    return SimMIM(encoder, stride, norm_target_window)
+
+
+def build_classifier(name, img_size=224, num_classes=1000, use_checkpoint=False, **overrides):
+    """The fine-tuning classifier of a named model: timm's Swin / SwinV2, or BEiT-style ViT with per-block relative
+    position bias, mean pooling and fc_norm (the official fine-tune configs)."""
+    family, kw = model_kwargs(name, img_size, pretrain=False, **overrides)
+    if family == VIT:
+        model = Beit(num_classes=num_classes, global_pool='avg', use_abs_pos_emb=False, use_rel_pos_bias=True, **kw)
+    else:
+        model = (SwinTransformer if family == SWIN else SwinTransformerV2)(num_classes=num_classes, **kw)
+    model.set_grad_checkpointing(use_checkpoint)
+    return use_fused_attention(model)
