@@ -1,0 +1,494 @@
+"""SimMIM pretraining.
+
+    python pretrain.py --model swin_tiny --epochs 50             # the bundled demo images, one process (CPU or GPU)
+    torchrun --nproc_per_node 8 pretrain.py --model swin_base --data-path /data/imagenet/train
+
+Defaults are the paper's Swin-B recipe: 192px, window 6, 100 epochs, lr 2e-4 per 512 images. The run machinery here
+(distributed setup, optimizer, AMP step, checkpoints, logging) is shared with finetune.py.
+"""
+import argparse
+import datetime
+import fcntl
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import timm
+import torch
+import torch.distributed as dist
+import torchvision
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import models
+
+# A 1x1 conv's weight gradient on CPU has other strides on its size-1 dims than DDP's bucket: the same memory layout,
+# so DDP's warning about it says nothing
+warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('SimMIM pretraining', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='swin_base', choices=list(models.MODELS), help='encoder')
+    g.add_argument('--img-size', type=int, default=None, help='input size in pixels (default: 192 Swin, 224 ViT)')
+    add_arch_args(g)
+    g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, ~25%% slower')
+
+    g = p.add_argument_group('masking')
+    g.add_argument('--mask-patch-size', type=int, default=32, help='side of a masked square, pixels')
+    g.add_argument('--mask-ratio', type=float, default=0.6, help='fraction of masked squares')
+    g.add_argument('--norm-target-window', type=int, default=0,
+                   help='regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default=None,
+                   help='folder of images, searched recursively (labels unused); default: the bundled demo/ images')
+    g.add_argument('--batch-size', type=int, default=128, help='images per GPU (per process) and micro-step')
+    g.add_argument('--num-workers', type=int, default=8, help='data loading processes per GPU')
+    g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean (default: ImageNet)')
+    g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
+
+    add_optim_args(p, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5)
+    add_run_args(p, output='output/simmim_pretrain')
+    return p
+
+
+def add_arch_args(g):
+    """Architecture overrides shared with finetune.py; unset ones keep the named model's value."""
+    g.add_argument('--window-size', type=int, default=None, help='Swin window (default: img size / 32, Swin-L / 16)')
+    g.add_argument('--patch-size', type=int, default=None, help='model patch size (default: Swin 4, ViT 16)')
+    g.add_argument('--embed-dim', type=int, default=None, help='width of the first stage')
+    g.add_argument('--depths', type=int, nargs='+', default=None, help='blocks per stage (ViT: one number)')
+    g.add_argument('--num-heads', type=int, nargs='+', default=None, help='heads per stage (ViT: one number)')
+    g.add_argument('--in-chans', type=int, default=3, help='image channels: 3 (RGB) or 1 (grayscale)')
+    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth (default: the official config)')
+
+
+def arch_overrides(args):
+    vit = models.MODELS[args.model]['family'] == models.VIT
+    for flag in ('depths', 'num_heads'):
+        value = getattr(args, flag)
+        if vit and value is not None and len(value) != 1:
+            raise ValueError(f"--{flag.replace('_', '-')} takes one number for ViT models, got {value}")
+    return dict(window_size=args.window_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                in_chans=args.in_chans, drop_path_rate=args.drop_path,
+                **({'depth': args.depths and args.depths[0], 'num_heads': args.num_heads and args.num_heads[0]}
+                   if vit else {'depths': args.depths and tuple(args.depths),
+                                'num_heads': args.num_heads and tuple(args.num_heads)}))
+
+
+def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
+    g = p.add_argument_group('optimization (learning rates are per 512 images: lr x effective batch / 512)')
+    g.add_argument('--epochs', type=int, default=epochs)
+    g.add_argument('--warmup-epochs', type=int, default=warmup_epochs, help='linear warmup from --warmup-lr')
+    g.add_argument('--base-lr', type=float, default=base_lr, help='peak lr per 512 images')
+    g.add_argument('--warmup-lr', type=float, default=warmup_lr, help='lr at step 0, per 512 images')
+    g.add_argument('--min-lr', type=float, default=min_lr, help='final cosine lr, per 512 images')
+    g.add_argument('--lr-scheduler', default='cosine', choices=['cosine', 'multistep'],
+                   help='cosine to --min-lr, or x --gamma at each of --multisteps; both step every iteration')
+    g.add_argument('--multisteps', type=int, nargs='*', default=[], help='multistep milestones, in epochs')
+    g.add_argument('--gamma', type=float, default=0.1, help='multistep decay factor')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW; none on norms, biases, tokens, tables')
+    g.add_argument('--accumulation-steps', type=int, default=1, help='micro-batches per optimizer step')
+    g.add_argument('--clip-grad', type=float, default=5.0, help='max gradient norm; 0 = no clipping')
+    g.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'off'],
+                   help='autocast dtype (default: bf16 where the device computes it natively, else fp16 on GPU, '
+                        'off on CPU); fp16 uses a gradient scaler')
+    g.add_argument('--max-nonfinite', type=int, default=20,
+                   help='abort after this many consecutive steps with a non-finite loss or gradient')
+
+
+def add_run_args(p, output):
+    g = p.add_argument_group('run')
+    g.add_argument('--output', default=output, help='folder for checkpoints, logs and pictures')
+    g.add_argument('--resume', default=None, help='checkpoint to resume from (default: OUTPUT/checkpoint.pth if any)')
+    g.add_argument('--no-auto-resume', dest='auto_resume', action='store_false',
+                   help='start afresh even if OUTPUT holds a checkpoint')
+    g.add_argument('--save-freq', type=int, default=5, help='keep a numbered checkpoint every this many epochs')
+    g.add_argument('--print-freq', type=int, default=100, help='log every this many optimizer steps')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run machinery, shared with finetune.py
+
+class Run:
+    """Distributed state from torchrun's environment (or a single process), the device and rank-0 logging."""
+
+    def __init__(self, args):
+        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
+        self.rank = int(os.environ.get('RANK', 0))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.distributed = self.world_size > 1
+        cuda = torch.cuda.is_available() if args.device is None else args.device.startswith('cuda')
+        self.device = torch.device(f'cuda:{self.local_rank}' if cuda else 'cpu')
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.distributed:
+            dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=30))
+        self.main = self.rank == 0
+        self.output = args.output
+
+    def print(self, *msg):
+        if self.main:
+            print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}]", *msg, flush=True)
+
+    def log(self, record):
+        """One JSON line in OUTPUT/log.jsonl (rank 0)."""
+        if self.main:
+            with open(os.path.join(self.output, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+    def mean(self, *values):
+        """Average python numbers over all ranks."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(t)
+            t /= self.world_size
+        return t.tolist()
+
+    def close(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def resolve_amp(amp, device):
+    if amp is not None:
+        return amp
+    if device.type == 'cuda':
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+    native_bf16 = [getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    return 'bf16' if any(native_bf16) else 'off'
+
+
+def build_optimizer(model, args, lr_scales=None):
+    """AdamW; no weight decay for 1-D parameters, biases, tokens, position tables and SwinV2's cpb_mlp / logit_scale.
+    lr_scales (optional) maps a parameter name to its layer-wise lr multiplier."""
+    no_decay_keywords = ('token', 'relative_position_bias_table', 'pos_embed', 'cpb_mlp', 'logit_scale')
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith('.bias') or any(k in name for k in no_decay_keywords)
+        scale = lr_scales(name) if lr_scales else 1.0
+        group = groups.setdefault((no_decay, scale), dict(params=[], weight_decay=0. if no_decay else args.weight_decay,
+                                                          lr_scale=scale))
+        group['params'].append(p)
+    return torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer, args, steps_per_epoch):
+    """Per-step schedule (timm's, stepped with step_update): linear warmup from warmup lr, then cosine from step 0 to
+    min lr (the official settings), or multistep. timm applies each group's lr_scale."""
+    warmup = dict(warmup_t=args.warmup_epochs * steps_per_epoch, warmup_lr_init=args.warmup_lr_scaled,
+                  warmup_prefix=False, t_in_epochs=False)  # schedule positions count from step 0, warmup included
+    if args.lr_scheduler == 'cosine':
+        return CosineLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, lr_min=args.min_lr_scaled,
+                                 cycle_limit=1, **warmup)
+    # timm decays at milestone - 1; the official scheduler at the milestone itself
+    return MultiStepLRScheduler(optimizer, decay_t=[m * steps_per_epoch + 1 for m in args.multisteps],
+                                decay_rate=args.gamma, **warmup)
+
+
+def scale_lrs(args, run):
+    args.effective_batch = args.batch_size * run.world_size * args.accumulation_steps
+    args.lr = args.base_lr * args.effective_batch / 512
+    args.warmup_lr_scaled = args.warmup_lr * args.effective_batch / 512
+    args.min_lr_scaled = args.min_lr * args.effective_batch / 512
+
+
+class Trainer:
+    """The training step: autocast, accumulation without gradient all-reduce on micro-steps, unscale, clip, skip and
+    count non-finite steps, lr per step."""
+
+    def __init__(self, model, optimizer, scheduler, args, run):
+        self.model, self.optimizer, self.scheduler, self.args, self.run = model, optimizer, scheduler, args, run
+        self.amp = resolve_amp(args.amp, run.device)
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.amp)
+        self.autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None)
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.amp == 'fp16')
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.nonfinite_run = 0  # consecutive skipped steps
+        self.nonfinite_total = 0
+
+    def step(self, step, micro_batches, loss_fn):
+        """One optimizer step over micro_batches; loss_fn(batch) -> scalar loss. -> (mean loss, grad norm) tensors."""
+        self.scheduler.step_update(step)
+        accum = len(micro_batches)
+        total = 0.
+        for i, batch in enumerate(micro_batches):
+            sync = i == accum - 1 or not self.run.distributed
+            with nullcontext() if sync else self.model.no_sync():
+                with self.autocast:
+                    loss = loss_fn(batch)
+                self.scaler.scale(loss / accum).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad or math.inf)
+        if torch.isfinite(grad_norm):  # identical on all ranks: gradients are all-reduced
+            self.scaler.step(self.optimizer)
+            self.nonfinite_run = 0
+        else:
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_run >= self.args.max_nonfinite:
+                raise SystemExit(f"error: {self.nonfinite_run} consecutive steps with a non-finite loss or gradient "
+                                 f"(last at step {step}): training diverged; lower --base-lr, keep --clip-grad, or "
+                                 f"use --amp bf16/off; resume from the last checkpoint")
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / accum, grad_norm
+
+    def state_dict(self):
+        return dict(scaler=self.scaler.state_dict(), nonfinite_total=self.nonfinite_total)
+
+    def load_state_dict(self, state):
+        self.scaler.load_state_dict(state['scaler'])
+        self.nonfinite_total = state['nonfinite_total']
+
+
+def save_atomic(write, path):
+    """write(file) into path.tmp, flush it to disk, then rename over path: path is always whole or absent."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run, name, state):
+    if run.main:
+        save_atomic(lambda f: torch.save(state, f), os.path.join(run.output, name))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot load checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"it is truncated, not a PyTorch checkpoint, or holds pickled objects")
+
+
+def find_resume(args):
+    """--resume, else OUTPUT/checkpoint.pth when auto-resume is on and it exists, else None."""
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"error: --resume '{args.resume}' does not exist")
+        return args.resume
+    latest = os.path.join(args.output, 'checkpoint.pth')
+    return latest if args.auto_resume and os.path.isfile(latest) else None
+
+
+def load_model_state(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()][:3]
+        raise SystemExit(f"error: checkpoint '{path}' does not fit this model ({'; '.join(lines)[:500]}); "
+                         f"pass the same --model and architecture flags it was trained with")
+
+
+def write_provenance(run, args):
+    """Args and library versions beside the checkpoints."""
+    if run.main:
+        info = dict(args=vars(args), world_size=run.world_size, device=str(run.device), python=platform.python_version(),
+                    torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
+                    command=' '.join(sys.argv), started=datetime.datetime.now().isoformat(timespec='seconds'))
+        save_atomic(lambda f: f.write(json.dumps(info, indent=1).encode()), os.path.join(run.output, 'args.json'))
+
+
+def peak_memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # max resident set, KiB on Linux
+
+
+def claim_output(run, path):
+    """Fail early if --output is not writable or another live run holds it; the lock dies with this process."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write_test_{os.getpid()}')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: --output '{path}' is not writable ({e.strerror}); choose another folder")
+    if run.main:
+        run.lock = open(os.path.join(path, '.lock'), 'w')
+        try:
+            fcntl.flock(run.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SystemExit(f"error: another run is writing to --output '{path}'; stop it or choose another folder")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretraining
+
+@torch.no_grad()
+def save_reconstructions(model, images, masks, normalize, path):
+    """A PNG grid, one row per image: original | masked input | reconstruction | reconstruction in the masked part."""
+    was_training = model.training
+    model.eval()
+    rec = model.reconstruct(images, masks).float()
+    model.train(was_training)
+    mean = torch.tensor(normalize.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(normalize.std, device=images.device).view(1, -1, 1, 1)
+    images, rec = (images * std + mean).clamp(0, 1), (rec * std + mean).clamp(0, 1)
+    p = model.patch_size
+    m = masks.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(images.dtype)
+    masked = images * (1 - m) + 0.5 * m
+    pasted = images * (1 - m) + rec * m
+    grid = torch.stack([images, masked, rec, pasted], 1).flatten(0, 1)
+    save_atomic(lambda f: torchvision.utils.save_image(grid.cpu(), f, nrow=4, padding=2, format='PNG'), path)
+
+
+def picture_batch(dataset, transform, mask_generator, device, n=8):
+    """A fixed batch for the pictures: n images spread over the dataset, center-cropped, with a fixed mask."""
+    index = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
+    images = torch.stack([transform(dataset.load(i)[0]) for i in index])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        masks = torch.stack([mask_generator() for _ in index])
+    return images.to(device), masks.to(device)
+
+
+def setup(args, run):
+    """Everything that checks the user's input: model, data, sizes. Errors here are one line."""
+    model = models.build_simmim(args.model, args.img_size, args.norm_target_window, args.use_checkpoint,
+                                **arch_overrides(args))
+    args.img_size = model.encoder.patch_embed.img_size[0]
+    normalize = data.normalization(args.in_chans, args.mean, args.std)
+    mask_generator = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
+    if args.accumulation_steps < 1:
+        raise ValueError(f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
+    if args.data_path is None:
+        args.data_path = DEMO_DATA
+        run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
+    dataset = data.ImageDataset(args.data_path, data.PretrainTransform(args.img_size, mask_generator, normalize),
+                                args.in_chans)
+    loader = data.build_loader(dataset, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
+    steps_per_epoch = len(loader) // args.accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images make no full step of {args.batch_size} images x "
+                         f"{args.accumulation_steps} accumulation steps on each of {run.world_size} processes; "
+                         f"lower --batch-size or add images")
+    return model, normalize, mask_generator, dataset, loader, steps_per_epoch
+
+
+def main(args):
+    run = Run(args)
+    claim_output(run, args.output)
+    torch.manual_seed(args.seed + run.rank)
+    try:
+        model, normalize, mask_generator, dataset, loader, steps_per_epoch = setup(args, run)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    scale_lrs(args, run)
+    model.to(run.device)
+    model_ddp = DistributedDataParallel(
+        model, device_ids=[run.device.index] if run.device.type == 'cuda' else None, gradient_as_bucket_view=True) \
+        if run.distributed else model
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+    trainer = Trainer(model_ddp, optimizer, scheduler, args, run)
+
+    run.print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {args.img_size}px, "
+              f"mask {args.mask_ratio} of {args.mask_patch_size}px squares; {len(dataset):,} images in {args.data_path}")
+    run.print(f"world size {run.world_size} x batch {args.batch_size} x accumulation {args.accumulation_steps} = "
+              f"effective batch {args.effective_batch}; {steps_per_epoch} steps per epoch; lr {args.lr:.3g} "
+              f"(= {args.base_lr:g} x {args.effective_batch} / 512), warmup lr {args.warmup_lr_scaled:.3g}, "
+              f"min lr {args.min_lr_scaled:.3g}; amp {trainer.amp}; device {run.device}")
+
+    start_epoch = 0
+    resume = find_resume(args)
+    if resume:
+        ckpt = load_checkpoint(resume)
+        load_model_state(model, ckpt['model'], resume)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        trainer.load_state_dict(ckpt['trainer'])
+        start_epoch = ckpt['epoch'] + 1
+        run.print(f"resumed from {resume} at epoch {start_epoch}")
+    write_provenance(run, args)
+    pictures = picture_batch(dataset, data.eval_transform(args.img_size, normalize, crop_pct=1.0), mask_generator,
+                             run.device) if run.main else None
+    if run.main and start_epoch == 0:
+        save_reconstructions(model, *pictures, normalize, os.path.join(args.output, 'reconstruction_start.png'))
+
+    for epoch in range(start_epoch, args.epochs):
+        train_one_epoch(trainer, model_ddp, loader, epoch, steps_per_epoch, args, run)
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
+                     epoch=epoch, args=vars(args))
+        save_checkpoint(run, 'checkpoint.pth', state)
+        last = epoch + 1 == args.epochs
+        if (epoch + 1) % args.save_freq == 0 or last:
+            save_checkpoint(run, f'ckpt_epoch_{epoch}.pth', state)
+            if run.main:
+                name = 'reconstruction_end.png' if last else f'reconstruction_epoch_{epoch}.png'
+                save_reconstructions(model, *pictures, normalize, os.path.join(args.output, name))
+    run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in {args.output}")
+    run.close()
+
+
+def train_one_epoch(trainer, model, loader, epoch, steps_per_epoch, args, run):
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    torch.manual_seed(hash((args.seed, epoch, run.rank)) & 0xFFFF_FFFF)  # drop path: a function of the epoch
+    batches = iter(itertools.islice(loader, steps_per_epoch * args.accumulation_steps))
+    loss_sum = torch.zeros((), device=run.device)
+    window = dict(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(), skipped_files=0)
+    epoch_start, epoch_files = time.time(), 0
+
+    def loss_fn(batch):
+        (images, masks), _, _ = batch
+        return model(images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True))
+
+    for it in range(steps_per_epoch):
+        t = time.time()
+        micro = [next(batches) for _ in range(args.accumulation_steps)]
+        window['data'] += time.time() - t
+        skipped = sum(int(b[2].sum()) for b in micro)
+        window['skipped_files'] += skipped
+        epoch_files += skipped
+        step = epoch * steps_per_epoch + it
+        loss, grad_norm = trainer.step(step, micro, loss_fn)
+        loss_sum += loss
+        window['loss'] += loss
+        window['steps'] += 1
+        if (it + 1) % args.print_freq == 0 or it + 1 == steps_per_epoch:
+            elapsed = time.time() - window['start']
+            loss_avg, skipped_files = run.mean(window['loss'].item() / window['steps'], window['skipped_files'])
+            images_per_s = window['steps'] * args.effective_batch / elapsed
+            remaining = (args.epochs - epoch) * steps_per_epoch - it - 1
+            record = dict(epoch=epoch, step=step + 1, loss=loss_avg, lr=trainer.optimizer.param_groups[0]['lr'],
+                          grad_norm=float(grad_norm), images_per_s=images_per_s,
+                          data_s=window['data'] / window['steps'], peak_mem_gb=peak_memory_gb(run.device),
+                          skipped_files=int(skipped_files * run.world_size), nonfinite_steps=trainer.nonfinite_total)
+            run.print(f"epoch {epoch}/{args.epochs} step {it + 1}/{steps_per_epoch} loss {loss_avg:.4f} "
+                      f"lr {record['lr']:.3g} grad {record['grad_norm']:.3f} {images_per_s:.1f} img/s "
+                      f"data {record['data_s']:.3f}s mem {record['peak_mem_gb']:.2f}GB "
+                      f"eta {datetime.timedelta(seconds=int(remaining * elapsed / window['steps']))}"
+                      + (f" skipped files {record['skipped_files']}" if record['skipped_files'] else '')
+                      + (f" non-finite steps {trainer.nonfinite_total}" if trainer.nonfinite_total else ''))
+            run.log(record)
+            window.update(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(),
+                          skipped_files=0)
+    epoch_loss, = run.mean(loss_sum.item() / steps_per_epoch)
+    run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}: "
+              f"mean loss {epoch_loss:.4f}")
+    run.log(dict(epoch=epoch, epoch_loss=epoch_loss, epoch_time_s=time.time() - epoch_start))
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

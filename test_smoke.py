@@ -1,0 +1,434 @@
+"""Tests on CPU with tiny models and generated images: python -m pytest -q test_smoke.py"""
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+
+import data
+import models
+import pretrain
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, 'fixtures')
+TINY_SWIN = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+
+
+def fixture(name):
+    return torch.load(os.path.join(FIXTURES, name), map_location='cpu', weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mask generator
+
+@pytest.mark.parametrize('img_size, model_patch, grid, count', [(192, 4, 48, 22), (224, 16, 14, 30)])
+def test_mask_ratio_shape_alignment(img_size, model_patch, grid, count):
+    gen = data.MaskGenerator(img_size, 32, model_patch, 0.6)
+    for _ in range(20):
+        mask = gen()
+        assert mask.shape == (grid, grid) and mask.dtype == torch.int64
+        cells = mask.view(grid * model_patch // 32, 32 // model_patch, -1, 32 // model_patch).float()
+        per_cell = cells.mean((1, 3))
+        assert torch.all((per_cell == 0) | (per_cell == 1)), 'a 32px cell is partly masked'
+        assert int(per_cell.sum()) == count == math.ceil((img_size // 32) ** 2 * 0.6)
+
+
+def test_masks_differ_and_follow_the_seed():
+    gen = data.MaskGenerator()
+    torch.manual_seed(1)
+    a, b = gen(), gen()
+    torch.manual_seed(1)
+    assert torch.equal(gen(), a) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(input_size=200), 'not divisible by the mask patch size'),
+    (dict(mask_patch_size=32, model_patch_size=6), "not divisible by the model's patch size"),
+    (dict(mask_ratio=1.0), 'mask ratio must be in (0, 1)'),
+])
+def test_mask_generator_rejects_bad_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.MaskGenerator(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+def tiny_simmim(name, **kw):
+    family = models.MODELS[name]['family']
+    heads = models.MODELS[name]['num_heads']
+    if family == models.VIT:
+        return models.build_simmim(name, img_size=32, embed_dim=2 * heads, **kw)
+    return models.build_simmim(name, img_size=64, embed_dim=2 * heads[0], **kw)
+
+
+def random_mask(model, batch, img_size, seed=0):
+    # 16px squares: at init SwinV2's blocks are identities (zero res-post-norm), so with 32px squares = the encoder
+    # stride a masked square's features would not depend on any visible pixel
+    gen = data.MaskGenerator(img_size, 16, model.patch_size, 0.6)
+    torch.manual_seed(seed)
+    return torch.stack([gen() for _ in range(batch)])
+
+
+@pytest.mark.parametrize('name', list(models.MODELS))
+def test_every_named_model_trains_at_tiny_size(name):
+    model = tiny_simmim(name, drop_path_rate=0.1)
+    size = model.encoder.patch_embed.img_size[0]
+    x = torch.randn(2, 3, size, size)
+    mask = random_mask(model, 2, size)
+    feats = model.encoder(x, mask)
+    assert feats.shape == (2, model.encoder.num_features, size // model.encoder_stride, size // model.encoder_stride)
+    loss = model(x, mask)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.encoder.mask_token.grad.abs().sum() > 0
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_parameter_counts_of_the_paper_models():
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(models.build_simmim('swin_base')) == 89_874_104
+    assert count(models.build_simmim('vit_base')) == 86_256_720
+
+
+def test_default_windows_and_sizes():
+    def window_and_size(name, pretrain=True):
+        kw = models.model_kwargs(name, None, pretrain)[1]
+        return kw.get('window_size'), kw['img_size']
+    assert window_and_size('swin_base') == (6, 192) and window_and_size('swin_base', False) == (7, 224)
+    assert window_and_size('swin_large') == (12, 192) and window_and_size('swin_large', False) == (14, 224)
+    assert window_and_size('swinv2_base') == (12, 192) and window_and_size('vit_base') == (None, 224)
+    model = models.build_simmim('swin_tiny', img_size=128, **TINY_SWIN)  # 128 / 32 = 4, and it reaches the blocks
+    assert [s.blocks[0].window_size for s in model.encoder.layers] == [(4, 4)] * 4
+
+
+def test_bad_model_arguments_give_clear_errors():
+    with pytest.raises(ValueError, match='unknown model .swin_huge.; choose one of: swin_tiny'):
+        models.build_simmim('swin_huge')
+    with pytest.raises(ValueError, match='window size 7 does not divide stage 0.s resolution 48'):
+        models.build_simmim('swin_tiny', window_size=7, **TINY_SWIN)
+    with pytest.raises(ValueError, match='not divisible by the encoder stride 32'):
+        models.build_simmim('swin_tiny', img_size=200, **TINY_SWIN)
+    model = tiny_simmim('swin_tiny')
+    with pytest.raises(ValueError, match='does not match the patch grid'):
+        model(torch.randn(1, 3, 64, 64), torch.zeros(1, 8, 8, dtype=torch.long))
+
+
+def to_timm_swin_keys(state_dict):
+    """microsoft/SimMIM Swin keys -> ours: timm keeps PatchMerging at the start of the next stage; drop buffers."""
+    out = {}
+    for k, v in state_dict.items():
+        if not k.endswith(('relative_position_index', 'attn_mask')):
+            out[re.sub(r'layers\.(\d+)\.downsample', lambda m: f'layers.{int(m[1]) + 1}.downsample', k)] = v
+    return out
+
+
+@pytest.mark.parametrize('family', ['swin', 'vit'])
+def test_reproduces_the_official_simmim_outputs(family):
+    """Official weights and the official model's outputs (shared/fixtures): our encoder, mask token, decoder and loss
+    give the same numbers."""
+    if family == 'swin':
+        model = models.build_simmim('swin_base', embed_dim=4, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+        state = to_timm_swin_keys(fixture('ms_simmim_swin.pth')['model'])
+    else:
+        model = models.build_simmim('vit_base', embed_dim=64, depth=2, num_heads=2)
+        state = {k: v for k, v in fixture('ms_simmim_vit.pth')['model'].items()
+                 if not k.endswith('relative_position_index')}
+    model.load_state_dict(state, strict=True)
+    io = fixture(f'ms_simmim_{family}_io.pt')
+    model.eval()
+    with torch.no_grad():
+        features = model.encoder(io['x'], io['mask'])
+        torch.testing.assert_close(features, io['features'], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.decoder(features), io['reconstruction'], atol=1e-4, rtol=1e-4)
+        assert abs(model(io['x'], io['mask']).item() - io['loss'].item()) <= 1e-5
+        # and a wrong mask is far off: the mask token matters
+        assert (model.encoder(io['x'], torch.zeros_like(io['mask'])) - io['features']).abs().max() > 0.1
+
+
+def test_loss_is_the_masked_l1_and_ignores_visible_pixels():
+    torch.manual_seed(0)
+    model = tiny_simmim('swin_tiny').eval()
+    x = torch.randn(2, 3, 64, 64)
+    mask = random_mask(model, 2, 64)
+    with torch.no_grad():
+        rec = model.reconstruct(x, mask)
+        loss = model(x, mask)
+    m = np.kron(mask.numpy(), np.ones((4, 4)))[:, None]  # (B, 1, H, W) pixel mask
+    by_hand = (np.abs(x.numpy() - rec.numpy()) * m).sum() / (m.sum() + 1e-5) / 3
+    assert abs(loss.item() - by_hand) < 1e-5
+    # noise in the reconstruction of visible pixels changes nothing; in masked pixels it does
+    for where, changes in ((1 - torch.from_numpy(m).float(), False), (torch.from_numpy(m).float(), True)):
+        hook = model.decoder.register_forward_hook(lambda mod, inp, out: out + 5 * torch.randn_like(out) * where)
+        with torch.no_grad():
+            noisy = model(x, mask)
+        hook.remove()
+        assert (abs(noisy.item() - loss.item()) > 0.1) == changes
+
+
+def test_loss_for_other_channel_counts():
+    for chans in (1, 4):
+        model = tiny_simmim('swin_tiny', in_chans=chans)
+        x = torch.randn(2, chans, 64, 64)
+        mask = random_mask(model, 2, 64)
+        rec = model.reconstruct(x, mask)
+        assert rec.shape == x.shape
+        m = mask.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None]
+        expected = ((x - rec).abs() * m).sum() / (m.sum() + 1e-5) / chans
+        torch.testing.assert_close(model(x, mask), expected)
+
+
+def test_local_target_normalisation_matches_a_direct_computation():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 9, 11)
+    out = models.local_normalize(x, 5)
+    a = x.numpy()
+    for c, i, j in [(0, 0, 0), (1, 4, 5), (0, 8, 10), (1, 2, 9)]:
+        patch = a[0, c, max(i - 2, 0):i + 3, max(j - 2, 0):j + 3]
+        expected = (a[0, c, i, j] - patch.mean()) / np.sqrt(patch.var(ddof=1) + 1e-6)
+        assert abs(out[0, c, i, j].item() - expected) < 1e-4
+    model = tiny_simmim('swinv2_tiny', norm_target_window=47)
+    assert torch.isfinite(model(torch.randn(1, 3, 64, 64), random_mask(model, 1, 64)))
+
+
+def test_fused_swinv2_attention_equals_timm():
+    torch.manual_seed(0)
+    model = models.build_simmim('swinv2_tiny', img_size=64, window_size=4, **TINY_SWIN).eval()
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, WindowAttentionV2):
+            m.__class__ = WindowAttentionV2  # timm's own forward: explicit softmax
+    assert sum(type(m) is models.FusedWindowAttentionV2 for m in model.modules()) == 8
+    x, mask = torch.randn(2, 3, 64, 64), random_mask(model, 2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(x, mask), reference.encoder(x, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    for name in ('swin_tiny', 'vit_small'):
+        torch.manual_seed(0)
+        model = tiny_simmim(name, drop_path_rate=0.)
+        size = model.encoder.patch_embed.img_size[0]
+        x, mask = torch.randn(2, 3, size, size), random_mask(model, 2, size)
+        model(x, mask).backward()
+        ckpt = copy.deepcopy(model)
+        ckpt.encoder.set_grad_checkpointing(True)
+        ckpt.zero_grad()
+        ckpt(x, mask).backward()
+        for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+def write_images(folder, n, size=80, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        width = size + 8 * i % 24
+        base = rng.integers(0, 255, (1, 1, 3)) + np.linspace(0, 60, width)[None, :, None]
+        img = (base + rng.normal(0, 20, (size, width, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f'img{i}.{"jpg" if i % 2 else "png"}'))
+
+
+def test_load_image_converts_every_mode(tmp_path):
+    rgb = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    cases = {
+        'gray.png': Image.fromarray(rgb[..., 0]),
+        'rgba.png': Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])),
+        'palette.png': Image.fromarray(rgb).convert('P'),
+        'cmyk.jpg': Image.fromarray(rgb).convert('CMYK'),
+        'deep.png': Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        'photo.webp': Image.fromarray(rgb),
+        'photo.tiff': Image.fromarray(rgb),
+        'photo.bmp': Image.fromarray(rgb),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        for chans, mode in ((3, 'RGB'), (1, 'L')):
+            out = data.load_image(tmp_path / name, chans)
+            assert out.mode == mode and out.size == (30, 20), name
+    assert np.array_equal(np.asarray(data.load_image(tmp_path / 'deep.png', 1)), rgb[..., 0])  # 16 bit scaled
+    transparent = np.asarray(data.load_image(tmp_path / 'rgba.png'), dtype=float)  # half alpha over white
+    assert np.allclose(transparent, rgb.astype(float) * 128 / 255 + 255 * 127 / 255, atol=1.5)
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.fromarray(np.zeros((10, 40, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    img.save(tmp_path / 'rotated.jpg', exif=exif)
+    assert data.load_image(tmp_path / 'rotated.jpg').size == (10, 40)
+
+
+def test_dataset_reads_folders_recursively_and_skips_bad_files(tmp_path):
+    write_images(tmp_path / 'a', 3)
+    write_images(tmp_path / 'b' / 'deeper', 2)
+    (tmp_path / 'a' / 'broken.jpg').write_bytes(b'not a picture at all')
+    (tmp_path / 'a' / 'notes.txt').write_text('ignored')
+    ds = data.ImageDataset(str(tmp_path), data.eval_transform(32, data.normalization(3)))
+    assert len(ds) == 6 and ds.classes == ['a', 'b']
+    broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith('broken.jpg')][0]
+    with pytest.warns(UserWarning, match='skipping unreadable image .*broken.jpg'):
+        img, label, skipped = ds[broken]
+    assert img.shape == (3, 32, 32) and skipped == 1 and label == 0
+    flat = tmp_path / 'flat'
+    write_images(flat, 2)
+    assert data.ImageDataset(str(flat), None).samples[0][1] == -1  # no class folders: no labels
+
+
+def test_seeded_samples_do_not_depend_on_the_process(tmp_path):
+    write_images(tmp_path, 2)
+    transform = data.PretrainTransform(32, data.MaskGenerator(32, 16, 4, 0.5), data.normalization(3))
+    ds = data.ImageDataset(str(tmp_path), transform)
+    (a, ma), _, _ = ds[(0, 1234)]
+    torch.manual_seed(99)
+    (b, mb), _, _ = ds[(0, 1234)]
+    (c, mc), _, _ = ds[(0, 4321)]
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    assert not (torch.equal(a, c) and torch.equal(ma, mc))
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda p: None, 'is not a folder'),
+    (lambda p: os.makedirs(p), 'no images'),
+])
+def test_missing_or_empty_data_folder_is_one_clear_error(tmp_path, make, message):
+    make(tmp_path / 'data')
+    with pytest.raises(FileNotFoundError, match=message):
+        data.ImageDataset(str(tmp_path / 'data'), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pretrain.py end to end
+
+def pretrain_args(data_path, output, *extra):
+    return pretrain.get_args_parser().parse_args([
+        '--model', 'swin_tiny', '--img-size', '64', '--mask-patch-size', '16', '--embed-dim', '8',
+        '--depths', '1', '1', '1', '1', '--num-heads', '1', '2', '2', '4', '--data-path', str(data_path),
+        '--batch-size', '4', '--num-workers', '0', '--epochs', '2', '--warmup-epochs', '1', '--base-lr', '0.5',
+        '--output', str(output), '--print-freq', '1', '--save-freq', '1', '--amp', 'off', *extra])
+
+
+def read_log(output):
+    with open(os.path.join(output, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_weight_decay_groups_and_lr_schedules_follow_the_recipe():
+    model = tiny_simmim('swinv2_tiny')
+    args = pretrain.get_args_parser().parse_args(['--epochs', '10', '--warmup-epochs', '2', '--batch-size', '64'])
+    pretrain.scale_lrs(args, type('run', (), {'world_size': 2})())
+    assert args.effective_batch == 128 and args.lr == 2e-4 * 128 / 512 and args.min_lr_scaled == 1e-5 / 4
+    optimizer = pretrain.build_optimizer(model, args)
+    decay = {n for n, p in model.named_parameters()
+             if any(p is q for g in optimizer.param_groups if g['weight_decay'] > 0 for q in g['params'])}
+    assert 'encoder.layers.0.blocks.0.attn.qkv.weight' in decay and 'decoder.0.weight' in decay
+    for name in ('encoder.mask_token', 'encoder.layers.0.blocks.0.attn.logit_scale', 'encoder.norm.weight',
+                 'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight', 'decoder.0.bias', 'encoder.layers.0.blocks.0.attn.q_bias'):
+        assert name not in decay, name
+    steps = 5  # per epoch
+    base, warm, low = args.lr, args.warmup_lr_scaled, args.min_lr_scaled
+    scheduler = pretrain.build_scheduler(optimizer, args, steps)
+    for t in (0, 3, 9, 10, 27, 49):
+        scheduler.step_update(t)
+        expected = warm + t * (base - warm) / 10 if t < 10 else low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / 50))
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-9), t
+    args.lr_scheduler, args.multisteps = 'multistep', [6, 8]
+    scheduler = pretrain.build_scheduler(optimizer, args, steps)
+    for t, factor in ((10, 1), (29, 1), (30, .1), (39, .1), (40, .01)):
+        scheduler.step_update(t)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(base * factor, rel=1e-9), t
+
+
+def test_pretrain_end_to_end_with_exact_resume(tmp_path, capsys):
+    write_images(tmp_path / 'data', 8)
+    (tmp_path / 'data' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated')
+    Image.fromarray(np.full((70, 70), 90, np.uint8)).save(tmp_path / 'data' / 'gray.png')
+    Image.fromarray(np.full((70, 70, 4), 90, np.uint8)).save(tmp_path / 'data' / 'rgba.png')
+    with pytest.warns(UserWarning, match='corrupt.jpg'):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
+    out = capsys.readouterr().out
+    assert 'effective batch 4; 2 steps per epoch' in out and 'lr 0.0039' in out
+    log = read_log(tmp_path / 'run')
+    steps = [r for r in log if 'step' in r]
+    assert [r['step'] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r['loss']) for r in steps)
+    assert sum(r['skipped_files'] for r in steps) >= 1
+    files = set(os.listdir(tmp_path / 'run'))
+    assert {'checkpoint.pth', 'ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'args.json', 'reconstruction_start.png',
+            'reconstruction_end.png'} <= files and not any(f.endswith('.tmp') for f in files)
+    picture = Image.open(tmp_path / 'run' / 'reconstruction_end.png')
+    assert picture.size == (4 * 66 + 2, 8 * 66 + 2)  # 4 columns x 8 images of 64px with 2px padding
+    final = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
+    assert final['epoch'] == 1 and set(final) >= {'model', 'optimizer', 'trainer', 'args'}
+    assert json.load(open(tmp_path / 'run' / 'args.json'))['torch'] == torch.__version__
+
+    # "interrupted" after epoch 0: auto-resume from the epoch-0 checkpoint ends with the same weights
+    os.makedirs(tmp_path / 'again')
+    os.link(tmp_path / 'run' / 'ckpt_epoch_0.pth', tmp_path / 'again' / 'checkpoint.pth')
+    with pytest.warns(UserWarning, match='corrupt.jpg'):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'again'))
+    assert 'resumed from' in capsys.readouterr().out
+    resumed = torch.load(tmp_path / 'again' / 'checkpoint.pth', weights_only=True)
+    for k, v in final['model'].items():
+        assert torch.equal(v, resumed['model'][k]), k
+    assert [r['loss'] for r in read_log(tmp_path / 'again') if 'step' in r] == [r['loss'] for r in steps[2:]]
+
+
+def test_pretrain_bad_input_is_one_line(tmp_path):
+    write_images(tmp_path / 'data', 2)
+    os.makedirs(tmp_path / 'empty')
+    cases = [
+        (tmp_path / 'missing', [], "data path '.*missing' is not a folder"),
+        (tmp_path / 'empty', [], 'no images'),
+        (tmp_path / 'data', [], r'2 images make no full step of 4 images'),
+        (tmp_path / 'data', ['--img-size', '72'], 'not divisible by the encoder stride 32'),
+        (tmp_path / 'data', ['--mask-ratio', '0'], r'mask ratio must be in \(0, 1\)'),
+        (tmp_path / 'data', ['--accumulation-steps', '0'], 'accumulation-steps must be >= 1'),
+    ]
+    for path, extra, message in cases:
+        with pytest.raises(SystemExit, match='^error: .*' + message):
+            pretrain.main(pretrain_args(path, tmp_path / 'run', *extra))
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'garbage')
+    with pytest.raises(SystemExit, match="cannot load checkpoint '.*bad.pth'"):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--batch-size', '1', '--resume', str(bad)))
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    write_images(tmp_path / 'data', 8)
+    original = models.SimMIM.forward
+    calls = []
+
+    def poisoned(self, x, mask):  # the 2nd step goes bad once, then every step from the 4th on
+        calls.append(1)
+        loss = original(self, x, mask)
+        return loss * float('nan') if len(calls) == 2 or len(calls) >= 4 else loss
+
+    monkeypatch.setattr(models.SimMIM, 'forward', poisoned)
+    with pytest.raises(SystemExit, match='3 consecutive steps with a non-finite loss'):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--max-nonfinite', '3', '--epochs', '4'))
+    log = read_log(tmp_path / 'run')
+    assert [r['nonfinite_steps'] for r in log if 'step' in r][:4] == [0, 1, 1, 2]
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    write_images(tmp_path / 'data', 8)
+    args = ['--model', 'vit_small', '--img-size', '32', '--mask-patch-size', '16', '--embed-dim', '12',
+            '--depths', '2', '--num-heads', '2', '--data-path', str(tmp_path / 'data'), '--batch-size', '2',
+            '--num-workers', '1', '--epochs', '1', '--warmup-epochs', '0', '--output', str(tmp_path / 'run'),
+            '--print-freq', '1', '--amp', 'off']
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(HERE, 'pretrain.py'), *args], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'world size 2 x batch 2 x accumulation 1 = effective batch 4; 2 steps per epoch' in result.stdout
+    assert len([r for r in read_log(tmp_path / 'run') if 'step' in r]) == 2  # rank 0 alone writes the log
