@@ -125,6 +125,9 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, root, transform, in_chans=3):
+        if in_chans not in (1, 3):
+            raise ValueError(f"image files give 1 (grayscale) or 3 (RGB) channels, not {in_chans}; for other data "
+                             f"(e.g. multispectral) use a Dataset that returns ({in_chans}, H, W) tensors")
         self.root = root
         self.samples, self.classes = find_images(root)
         self.transform = transform

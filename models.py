@@ -164,7 +164,7 @@ class SimMIM(nn.Module):
             raise ValueError(f"norm_target_window must be odd, got {norm_target_window}")
         self.encoder = encoder
         self.encoder_stride = encoder_stride
-        self.in_chans = encoder.in_chans
+        self.in_chans = encoder.patch_embed.proj.in_channels
         self.patch_size = encoder.patch_embed.patch_size[0]
         self.norm_target_window = norm_target_window
         self.decoder = nn.Sequential(

@@ -281,6 +281,8 @@ def test_dataset_reads_folders_recursively_and_skips_bad_files(tmp_path):
     with pytest.warns(UserWarning, match='skipping unreadable image .*broken.jpg'):
         img, label, skipped = ds[broken]
     assert img.shape == (3, 32, 32) and skipped == 1 and label == 0
+    with pytest.raises(ValueError, match='1 .grayscale. or 3 .RGB. channels, not 4'):
+        data.ImageDataset(str(tmp_path), None, in_chans=4)
     flat = tmp_path / 'flat'
     write_images(flat, 2)
     assert data.ImageDataset(str(flat), None).samples[0][1] == -1  # no class folders: no labels
