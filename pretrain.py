@@ -268,9 +268,17 @@ def save_atomic(write, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(run, name, state):
-    if run.main:
-        save_atomic(lambda f: torch.save(state, f), os.path.join(run.output, name))
+def save_checkpoint(run, state, keep_as=None):
+    """OUTPUT/checkpoint.pth, atomically; keep_as: also keep it under that name (a hard link where the disk allows)."""
+    if not run.main:
+        return
+    latest = os.path.join(run.output, 'checkpoint.pth')
+    save_atomic(lambda f: torch.save(state, f), latest)
+    if keep_as:
+        try:
+            os.link(latest, os.path.join(run.output, keep_as))
+        except OSError:  # exists already (a rerun), or no hard links here
+            save_atomic(lambda f: torch.save(state, f), os.path.join(run.output, keep_as))
 
 
 def load_checkpoint(path):
@@ -430,13 +438,12 @@ def main(args):
         train_one_epoch(trainer, model_ddp, loader, epoch, steps_per_epoch, args, run)
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
                      epoch=epoch, args=vars(args))
-        save_checkpoint(run, 'checkpoint.pth', state)
         last = epoch + 1 == args.epochs
-        if (epoch + 1) % args.save_freq == 0 or last:
-            save_checkpoint(run, f'ckpt_epoch_{epoch}.pth', state)
-            if run.main:
-                name = 'reconstruction_end.png' if last else f'reconstruction_epoch_{epoch}.png'
-                save_reconstructions(model, *pictures, normalize, os.path.join(args.output, name))
+        keep = (epoch + 1) % args.save_freq == 0 or last
+        save_checkpoint(run, state, keep_as=f'ckpt_epoch_{epoch}.pth' if keep else None)
+        if keep and run.main:
+            name = 'reconstruction_end.png' if last else f'reconstruction_epoch_{epoch}.png'
+            save_reconstructions(model, *pictures, normalize, os.path.join(args.output, name))
     run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in {args.output}")
     run.close()
 
