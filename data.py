@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
@@ -80,6 +80,13 @@ def eval_transform(img_size, normalize, crop_pct=224 / 256):
     ])
 
 
+def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25):
+    """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic), flip, RandAugment,
+    normalisation, random erasing (pixel mode, one box)."""
+    return create_transform(img_size, is_training=True, auto_augment=auto_augment or None, interpolation='bicubic',
+                            re_prob=re_prob, re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std)
+
+
 def load_image(path, in_chans=3):
     """Open any image as the model's channels: 'RGB' for 3, 'L' for 1.
 
@@ -124,12 +131,19 @@ class ImageDataset(Dataset):
     transform then runs under that seed, so augmentations and masks do not depend on workers or restarts.
     """
 
-    def __init__(self, root, transform, in_chans=3):
+    def __init__(self, root, transform, in_chans=3, classes=None):
         if in_chans not in (1, 3):
             raise ValueError(f"image files give 1 (grayscale) or 3 (RGB) channels, not {in_chans}; for other data "
                              f"(e.g. multispectral) use a Dataset that returns ({in_chans}, H, W) tensors")
         self.root = root
         self.samples, self.classes = find_images(root)
+        if classes is not None:  # e.g. val/ labelled with train/'s class indices
+            unknown = sorted(set(self.classes) - set(classes))
+            if unknown:
+                raise ValueError(f"'{root}' has class folders that the training set lacks: {', '.join(unknown[:5])}")
+            index = {c: i for i, c in enumerate(classes)}
+            self.samples = [(p, index[self.classes[label]]) for p, label in self.samples]
+            self.classes = list(classes)
         self.transform = transform
         self.in_chans = in_chans
 
@@ -167,7 +181,8 @@ class SeededSampler(DistributedSampler):
 
 def build_loader(dataset, batch_size, num_workers, seed, world_size=1, rank=0, train=True):
     """Training: shuffled per epoch (call loader.sampler.set_epoch), incomplete last batch dropped.
-    Evaluation: in order, every rank gets a share (DistributedSampler pads it to equal length)."""
-    sampler = SeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
+    Evaluation: in order, rank r takes images r, r + world_size, ...: every image exactly once over all ranks."""
+    sampler = SeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed) if train \
+        else range(rank, len(dataset), world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, drop_last=train)

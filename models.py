@@ -7,9 +7,12 @@ of masked patches right after the patch embedding, an output reshaped to a featu
     loss = model(images, mask)                     # images (B, 3, 192, 192), mask (B, 48, 48) with 1 = masked
     pictures = model.reconstruct(images, mask)     # (B, 3, 192, 192), same normalisation as the input
     classifier = build_classifier('swin_base', num_classes=1000)   # 224px, window 7, for fine-tuning
+    report = load_pretrained(classifier, torch.load('ckpt.pth', weights_only=True))   # window 6 -> 7 tables resized
+    pooled, feature_map = extract_features(classifier, images)
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -259,3 +262,109 @@ def build_classifier(name, img_size=224, num_classes=1000, use_checkpoint=False,
         model = (SwinTransformer if family == SWIN else SwinTransformerV2)(num_classes=num_classes, **kw)
     model.set_grad_checkpointing(use_checkpoint)
     return use_fused_attention(model)
+
+
+def extract_features(model, x):
+    """(pooled (B, C), last feature map (B, C, h, w)) from a SimMIM encoder, a SimMIM model or a classifier."""
+    model = getattr(model, 'encoder', model)
+    if isinstance(model, (MaskedSwin, ViTEncoder)):
+        fmap = model(x)
+        return fmap.mean((2, 3)), fmap
+    tokens = model.forward_features(x)
+    if isinstance(model, Beit):  # (B, 1 + N, C): the cls token, then the patch grid
+        h, w = model.patch_embed.grid_size
+        return model.forward_head(tokens, pre_logits=True), tokens[:, 1:].transpose(1, 2).reshape(len(x), -1, h, w)
+    return model.forward_head(tokens, pre_logits=True), tokens.permute(0, 3, 1, 2)  # Swin: (B, h, w, C)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading pretrained weights
+
+def _spline_weights(xs, xt):
+    """Matrix W (len(xt), len(xs)) with W @ y = the not-a-knot cubic spline through (xs, y) evaluated at xt (linear
+    interpolation below 4 points). Float64."""
+    n = len(xs)
+    if n < 4:
+        return torch.stack([torch.from_numpy(np.interp(xt.numpy(), xs.numpy(), np.eye(n)[i])) for i in range(n)], 1)
+    h = xs[1:] - xs[:-1]
+    A, B = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    for i in range(1, n - 1):  # continuity of the first derivative: rows for the second derivatives M
+        A[i, i - 1:i + 2] = torch.stack([h[i - 1], 2 * (h[i - 1] + h[i]), h[i]])
+        B[i, i - 1:i + 2] = 6 * torch.stack([1 / h[i - 1], -1 / h[i - 1] - 1 / h[i], 1 / h[i]])
+    A[0, :3] = torch.stack([h[1], -(h[0] + h[1]), h[0]])  # not-a-knot: third derivative continuous at x1, x(n-2)
+    A[-1, -3:] = torch.stack([h[-1], -(h[-2] + h[-1]), h[-2]])
+    M = torch.linalg.solve(A, B)  # second derivatives as linear maps of y
+    W = torch.zeros(len(xt), n, dtype=torch.float64)
+    for r, t in enumerate(xt):
+        i = int(torch.clamp(torch.searchsorted(xs, t, right=True) - 1, 0, n - 2))
+        a, b = xs[i + 1] - t, t - xs[i]
+        W[r] = (M[i] * a ** 3 + M[i + 1] * b ** 3) / (6 * h[i]) - (M[i] * a + M[i + 1] * b) * h[i] / 6
+        W[r, i] += a / h[i]
+        W[r, i + 1] += b / h[i]
+    return W
+
+
+def _source_positions(src, dst):
+    """Where the src x src table's rows sit on the dst grid: the official geometric progression when growing (the
+    step grows from 1 by a factor q found by bisection so that the outermost entry reaches dst // 2), else uniform."""
+    if dst <= src:
+        return torch.linspace(-(dst // 2), dst // 2, src, dtype=torch.float64)
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2
+        lo, hi = (lo, q) if (1 - q ** (src // 2)) / (1 - q) > dst // 2 else (q, hi)
+    steps = [q ** i for i in range(src // 2)]
+    right = torch.tensor(steps, dtype=torch.float64).cumsum(0)
+    return torch.cat([-right.flip(0), torch.zeros(1, dtype=torch.float64), right])
+
+
+def resize_rel_pos_table(table, rows, extra=0):
+    """Resize a relative position bias table (L, heads) of a (2w-1)^2 grid (+ `extra` trailing cls rows, kept) to
+    `rows` rows, by the official cubic interpolation: tables pretrained with window 6 / 12 fine-tune at 7 / 14."""
+    src, dst = math.isqrt(table.shape[0] - extra), math.isqrt(rows - extra)
+    xs, xt = _source_positions(src, dst), torch.arange(-(dst // 2), dst // 2 + 1, dtype=torch.float64)
+    W = _spline_weights(xs, xt)
+    grid = table[:src * src].double().view(src, src, -1)
+    grid = torch.einsum('ij,kjh->kih', W, grid)  # along x (columns)
+    grid = torch.einsum('ij,jkh->ikh', W, grid)  # along y (rows)
+    return torch.cat([grid.reshape(dst * dst, -1).to(table.dtype), table[table.shape[0] - extra:]])
+
+
+def load_pretrained(model, checkpoint):
+    """Load a SimMIM-pretrained encoder (our pretrain checkpoint, or any state dict in our key layout) into a
+    classifier or an encoder. Drops the decoder and the mask token, resizes relative position tables to the model's
+    window / grid, copies ViT's shared table into every block. Refuses a checkpoint of another architecture.
+    -> report {'loaded', 'resized', 'missing', 'dropped'} (lists of key names)."""
+    state = checkpoint.get('model', checkpoint)
+    target = model.state_dict()
+    vit = isinstance(model, Beit)
+    state = {k[len('encoder.'):] if k.startswith('encoder.') else k: v for k, v in state.items()}
+    if 'encoder.mask_token' in target:  # into a SimMIM model (continued pretraining): keep the decoder too
+        state = {('encoder.' + k if 'encoder.' + k in target else k): v for k, v in state.items()}
+    if vit and 'rel_pos_bias.relative_position_bias_table' in state and 'rel_pos_bias.relative_position_bias_table' \
+            not in target:  # pretrained with one shared table, fine-tuned with one per block
+        shared = state.pop('rel_pos_bias.relative_position_bias_table')
+        state.update({f'blocks.{i}.attn.relative_position_bias_table': shared.clone() for i in range(len(model.blocks))})
+    buffers = ('relative_position_index', 'attn_mask', 'relative_coords_table', 'k_bias')
+    dropped = [k for k in state if k not in target and (k.startswith(('decoder.', 'mask_token', 'head.'))
+                                                        or k.endswith(buffers) or vit and k.startswith('norm.'))]
+    dropped += [k for k in state if k.startswith('head.') and k in target and state[k].shape != target[k].shape]
+    state = {k: v for k, v in state.items() if k not in dropped}
+    resized = []
+    for k, v in state.items():
+        if k.endswith('relative_position_bias_table') and k in target and v.shape != target[k].shape \
+                and v.shape[1:] == target[k].shape[1:]:
+            state[k] = resize_rel_pos_table(v, target[k].shape[0], extra=3 if vit else 0)
+            resized.append(k)
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+                  if k in target and v.shape != target[k].shape]
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state and not k.endswith(buffers)]
+    new_ok = ('head.', 'fc_norm.', 'decoder.', 'mask_token', 'encoder.mask_token')
+    problems = mismatched + [f"{k} not in the model" for k in unexpected] + \
+        [f"{k} not in the checkpoint" for k in missing if not k.startswith(new_ok)]
+    if problems:
+        raise ValueError(f"the checkpoint does not fit {type(model).__name__} ({len(problems)} problems; first: "
+                         f"{'; '.join(problems[:4])}): pass the --model and architecture flags it was trained with")
+    model.load_state_dict(state, strict=False)
+    return dict(loaded=sorted(state), resized=resized, missing=missing, dropped=dropped)

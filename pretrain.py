@@ -20,6 +20,7 @@ import time
 import warnings
 from contextlib import nullcontext
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -70,7 +71,7 @@ def add_arch_args(g):
     g.add_argument('--embed-dim', type=int, default=None, help='width of the first stage')
     g.add_argument('--depths', type=int, nargs='+', default=None, help='blocks per stage (ViT: one number)')
     g.add_argument('--num-heads', type=int, nargs='+', default=None, help='heads per stage (ViT: one number)')
-    g.add_argument('--in-chans', type=int, default=3, help='image channels: 3 (RGB) or 1 (grayscale)')
+    g.add_argument('--in-chans', type=int, default=None, help='image channels: 3 (RGB, default) or 1 (grayscale)')
     g.add_argument('--drop-path', type=float, default=None, help='stochastic depth (default: the official config)')
 
 
@@ -163,13 +164,15 @@ class Run:
             dist.destroy_process_group()
 
 
-def resolve_amp(amp, device):
-    if amp is not None:
-        return amp
-    if device.type == 'cuda':
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-    native_bf16 = [getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
-    return 'bf16' if any(native_bf16) else 'off'
+def autocast(amp, device):
+    """--amp resolved for the device (bf16 where native, else fp16 on GPU, off on CPU) and its autocast context."""
+    if amp is None and device.type == 'cuda':
+        amp = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+    elif amp is None:
+        native = [getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+        amp = 'bf16' if any(native) else 'off'
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
+    return amp, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def build_optimizer(model, args, lr_scales=None):
@@ -214,9 +217,7 @@ class Trainer:
 
     def __init__(self, model, optimizer, scheduler, args, run):
         self.model, self.optimizer, self.scheduler, self.args, self.run = model, optimizer, scheduler, args, run
-        self.amp = resolve_amp(args.amp, run.device)
-        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(self.amp)
-        self.autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None)
+        self.amp, self.autocast = autocast(args.amp, run.device)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.amp == 'fp16')
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite_run = 0  # consecutive skipped steps
@@ -268,17 +269,21 @@ def save_atomic(write, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(run, state, keep_as=None):
-    """OUTPUT/checkpoint.pth, atomically; keep_as: also keep it under that name (a hard link where the disk allows)."""
+def save_checkpoint(run, state, keep=()):
+    """OUTPUT/checkpoint.pth, atomically, and the same under each name in keep (a hard link where the disk allows)."""
     if not run.main:
         return
     latest = os.path.join(run.output, 'checkpoint.pth')
     save_atomic(lambda f: torch.save(state, f), latest)
-    if keep_as:
+    for name in keep:
+        path = os.path.join(run.output, name)
         try:
-            os.link(latest, os.path.join(run.output, keep_as))
-        except OSError:  # exists already (a rerun), or no hard links here
-            save_atomic(lambda f: torch.save(state, f), os.path.join(run.output, keep_as))
+            if os.path.exists(path + '.tmp'):
+                os.remove(path + '.tmp')
+            os.link(latest, path + '.tmp')
+            os.replace(path + '.tmp', path)
+        except OSError:  # no hard links on this file system
+            save_atomic(lambda f: torch.save(state, f), path)
 
 
 def load_checkpoint(path):
@@ -341,6 +346,54 @@ def claim_output(run, path):
             raise SystemExit(f"error: another run is writing to --output '{path}'; stop it or choose another folder")
 
 
+def train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run):
+    """One epoch of trainer.step over loader's batches (whose 3rd item counts skipped files), logging every
+    --print-freq steps. -> the epoch's mean loss over all ranks."""
+    trainer.model.train()
+    loader.sampler.set_epoch(epoch)
+    seed = hash((args.seed, epoch, run.rank)) & 0xFFFF_FFFF  # drop path, mixup: a function of the epoch
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    batches = iter(itertools.islice(loader, steps_per_epoch * args.accumulation_steps))
+    loss_sum = torch.zeros((), device=run.device)
+    window = dict(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(), skipped_files=0)
+    epoch_start = time.time()
+    for it in range(steps_per_epoch):
+        t = time.time()
+        micro = [next(batches) for _ in range(args.accumulation_steps)]
+        window['data'] += time.time() - t
+        skipped = sum(int(b[2].sum()) for b in micro)
+        window['skipped_files'] += skipped
+        step = epoch * steps_per_epoch + it
+        loss, grad_norm = trainer.step(step, micro, loss_fn)
+        loss_sum += loss
+        window['loss'] += loss
+        window['steps'] += 1
+        if (it + 1) % args.print_freq == 0 or it + 1 == steps_per_epoch:
+            elapsed = time.time() - window['start']
+            loss_avg, skipped_files = run.mean(window['loss'].item() / window['steps'], window['skipped_files'])
+            images_per_s = window['steps'] * args.effective_batch / elapsed
+            remaining = (args.epochs - epoch) * steps_per_epoch - it - 1
+            record = dict(epoch=epoch, step=step + 1, loss=loss_avg, lr=trainer.optimizer.param_groups[0]['lr'],
+                          grad_norm=float(grad_norm), images_per_s=images_per_s,
+                          data_s=window['data'] / window['steps'], peak_mem_gb=peak_memory_gb(run.device),
+                          skipped_files=int(skipped_files * run.world_size), nonfinite_steps=trainer.nonfinite_total)
+            run.print(f"epoch {epoch}/{args.epochs} step {it + 1}/{steps_per_epoch} loss {loss_avg:.4f} "
+                      f"lr {record['lr']:.3g} grad {record['grad_norm']:.3f} {images_per_s:.1f} img/s "
+                      f"data {record['data_s']:.3f}s mem {record['peak_mem_gb']:.2f}GB "
+                      f"eta {datetime.timedelta(seconds=int(remaining * elapsed / window['steps']))}"
+                      + (f" skipped files {record['skipped_files']}" if record['skipped_files'] else '')
+                      + (f" non-finite steps {trainer.nonfinite_total}" if trainer.nonfinite_total else ''))
+            run.log(record)
+            window.update(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(),
+                          skipped_files=0)
+    epoch_loss, = run.mean(loss_sum.item() / steps_per_epoch)
+    run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}: "
+              f"mean loss {epoch_loss:.4f}")
+    run.log(dict(epoch=epoch, epoch_loss=epoch_loss, epoch_time_s=time.time() - epoch_start))
+    return epoch_loss
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Pretraining
 
@@ -376,7 +429,7 @@ def setup(args, run):
     """Everything that checks the user's input: model, data, sizes. Errors here are one line."""
     model = models.build_simmim(args.model, args.img_size, args.norm_target_window, args.use_checkpoint,
                                 **arch_overrides(args))
-    args.img_size = model.encoder.patch_embed.img_size[0]
+    args.img_size, args.in_chans = model.encoder.patch_embed.img_size[0], model.in_chans
     normalize = data.normalization(args.in_chans, args.mean, args.std)
     mask_generator = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
     if args.accumulation_steps < 1:
@@ -434,67 +487,22 @@ def main(args):
     if run.main and start_epoch == 0:
         save_reconstructions(model, *pictures, normalize, os.path.join(args.output, 'reconstruction_start.png'))
 
+    def loss_fn(batch):
+        (images, masks), _, _ = batch
+        return model_ddp(images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True))
+
     for epoch in range(start_epoch, args.epochs):
-        train_one_epoch(trainer, model_ddp, loader, epoch, steps_per_epoch, args, run)
+        train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run)
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
                      epoch=epoch, args=vars(args))
         last = epoch + 1 == args.epochs
         keep = (epoch + 1) % args.save_freq == 0 or last
-        save_checkpoint(run, state, keep_as=f'ckpt_epoch_{epoch}.pth' if keep else None)
+        save_checkpoint(run, state, keep=[f'ckpt_epoch_{epoch}.pth'] if keep else [])
         if keep and run.main:
             name = 'reconstruction_end.png' if last else f'reconstruction_epoch_{epoch}.png'
             save_reconstructions(model, *pictures, normalize, os.path.join(args.output, name))
     run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in {args.output}")
     run.close()
-
-
-def train_one_epoch(trainer, model, loader, epoch, steps_per_epoch, args, run):
-    model.train()
-    loader.sampler.set_epoch(epoch)
-    torch.manual_seed(hash((args.seed, epoch, run.rank)) & 0xFFFF_FFFF)  # drop path: a function of the epoch
-    batches = iter(itertools.islice(loader, steps_per_epoch * args.accumulation_steps))
-    loss_sum = torch.zeros((), device=run.device)
-    window = dict(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(), skipped_files=0)
-    epoch_start, epoch_files = time.time(), 0
-
-    def loss_fn(batch):
-        (images, masks), _, _ = batch
-        return model(images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True))
-
-    for it in range(steps_per_epoch):
-        t = time.time()
-        micro = [next(batches) for _ in range(args.accumulation_steps)]
-        window['data'] += time.time() - t
-        skipped = sum(int(b[2].sum()) for b in micro)
-        window['skipped_files'] += skipped
-        epoch_files += skipped
-        step = epoch * steps_per_epoch + it
-        loss, grad_norm = trainer.step(step, micro, loss_fn)
-        loss_sum += loss
-        window['loss'] += loss
-        window['steps'] += 1
-        if (it + 1) % args.print_freq == 0 or it + 1 == steps_per_epoch:
-            elapsed = time.time() - window['start']
-            loss_avg, skipped_files = run.mean(window['loss'].item() / window['steps'], window['skipped_files'])
-            images_per_s = window['steps'] * args.effective_batch / elapsed
-            remaining = (args.epochs - epoch) * steps_per_epoch - it - 1
-            record = dict(epoch=epoch, step=step + 1, loss=loss_avg, lr=trainer.optimizer.param_groups[0]['lr'],
-                          grad_norm=float(grad_norm), images_per_s=images_per_s,
-                          data_s=window['data'] / window['steps'], peak_mem_gb=peak_memory_gb(run.device),
-                          skipped_files=int(skipped_files * run.world_size), nonfinite_steps=trainer.nonfinite_total)
-            run.print(f"epoch {epoch}/{args.epochs} step {it + 1}/{steps_per_epoch} loss {loss_avg:.4f} "
-                      f"lr {record['lr']:.3g} grad {record['grad_norm']:.3f} {images_per_s:.1f} img/s "
-                      f"data {record['data_s']:.3f}s mem {record['peak_mem_gb']:.2f}GB "
-                      f"eta {datetime.timedelta(seconds=int(remaining * elapsed / window['steps']))}"
-                      + (f" skipped files {record['skipped_files']}" if record['skipped_files'] else '')
-                      + (f" non-finite steps {trainer.nonfinite_total}" if trainer.nonfinite_total else ''))
-            run.log(record)
-            window.update(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(),
-                          skipped_files=0)
-    epoch_loss, = run.mean(loss_sum.item() / steps_per_epoch)
-    run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}: "
-              f"mean loss {epoch_loss:.4f}")
-    run.log(dict(epoch=epoch, epoch_loss=epoch_loss, epoch_time_s=time.time() - epoch_start))
 
 
 if __name__ == '__main__':

@@ -434,3 +434,199 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'world size 2 x batch 2 x accumulation 1 = effective batch 4; 2 steps per epoch' in result.stdout
     assert len([r for r in read_log(tmp_path / 'run') if 'step' in r]) == 2  # rank 0 alone writes the log
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning: loading pretrained encoders, layer decay, finetune.py end to end
+
+import finetune  # noqa: E402
+
+
+def test_window_resize_reproduces_the_official_tables():
+    """Official load_pretrained resized the window-6 tables to window 7; our loader gives the same tables."""
+    classifier = models.build_classifier('swin_base', num_classes=10, embed_dim=4, depths=(2, 2, 2, 2),
+                                         num_heads=(1, 2, 4, 8))
+    report = models.load_pretrained(classifier, to_timm_swin_keys(fixture('ms_simmim_swin.pth')['model']))
+    reference = fixture('ms_window_interp.pt')
+    assert sorted(report['resized']) == sorted(reference) and report['missing'] == ['head.fc.weight', 'head.fc.bias']
+    assert {'decoder.0.weight', 'mask_token'} <= set(report['dropped'])
+    state = classifier.state_dict()
+    for key, table in reference.items():
+        torch.testing.assert_close(state[key], table, atol=1e-6, rtol=0)
+    same = models.resize_rel_pos_table(reference[key], 169)
+    assert torch.equal(same, reference[key])  # same size: unchanged
+
+
+def test_vit_shared_table_goes_to_every_block_and_follows_the_grid():
+    state = fixture('ms_simmim_vit.pth')['model']
+    shared = state['encoder.rel_pos_bias.relative_position_bias_table']  # (27^2 + 3, 2)
+    for size, rows in ((224, 732), (192, 532)):
+        classifier = models.build_classifier('vit_base', img_size=size, num_classes=3, embed_dim=64, depth=2,
+                                             num_heads=2)
+        report = models.load_pretrained(classifier, state)
+        assert {'norm.weight', 'norm.bias', 'decoder.0.weight'} <= set(report['dropped'])  # fc_norm replaces norm
+        assert set(report['missing']) == {'fc_norm.weight', 'fc_norm.bias', 'head.weight', 'head.bias'}
+        for block in classifier.blocks:
+            table = block.attn.relative_position_bias_table
+            assert table.shape == (rows, 2)
+            assert torch.equal(table[-3:], shared[-3:])  # cls rows kept
+            assert torch.equal(table, shared) == (size == 224)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused():
+    state = models.build_simmim('swin_tiny', img_size=64, **TINY_SWIN).state_dict()
+    other = models.build_classifier('swin_tiny', img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+    with pytest.raises(ValueError, match=r'does not fit SwinTransformer \(\d+ problems; first: patch_embed.proj.weight '
+                                         r'\(8, 3, 4, 4\) vs \(16, 3, 4, 4\)'):
+        models.load_pretrained(other, state)
+    deeper = models.build_classifier('swin_tiny', img_size=64, embed_dim=8, depths=(2, 2, 4, 2), num_heads=(1, 2, 2, 4))
+    with pytest.raises(ValueError, match='layers.2.blocks.2.* not in the checkpoint'):
+        models.load_pretrained(deeper, state)
+
+
+@pytest.mark.parametrize('name', ['swin_tiny', 'vit_small'])
+def test_layer_decay_follows_the_official_assignment(name):
+    vit = name.startswith('vit')
+    model = models.build_classifier(name, img_size=32 if vit else 64, num_classes=3,
+                                    **(dict(embed_dim=12, depth=3, num_heads=2) if vit else TINY_SWIN))
+    scale = finetune.layer_scales(model, 0.5)
+    n = 3 if vit else 8
+    expected = {'head.weight' if vit else 'head.fc.weight': 1.0, 'patch_embed.proj.weight': 0.5 ** (n + 1)}
+    if vit:
+        expected.update({'cls_token': 0.5 ** 4, 'blocks.0.attn.qkv.weight': 0.5 ** 3, 'blocks.2.mlp.fc1.bias': 0.5,
+                         'fc_norm.weight': 1.0})
+    else:  # depths 2,2,2,2: block b of stage s -> 2s + b + 1; merging after stage s (timm: layers.s+1) -> 2(s + 1)
+        expected.update({'layers.0.blocks.0.attn.qkv.weight': 0.5 ** 8, 'layers.1.blocks.1.mlp.fc1.weight': 0.5 ** 5,
+                         'layers.1.downsample.reduction.weight': 0.5 ** 7, 'layers.3.downsample.norm.weight': 0.5 ** 3,
+                         'layers.3.blocks.1.norm1.weight': 0.5, 'norm.weight': 1.0})
+    names = dict(model.named_parameters())
+    for key, value in expected.items():
+        assert key in names and scale(key) == pytest.approx(value), key
+    args = finetune.get_args_parser().parse_args([])
+    args.lr = 1.0
+    optimizer = pretrain.build_optimizer(model, args, scale)
+    assert {g['lr_scale'] for g in optimizer.param_groups} == {0.5 ** k for k in range(n + 2)}
+
+
+def test_extract_features_shapes():
+    x = torch.randn(2, 3, 64, 64)
+    encoder = tiny_simmim('swin_tiny')
+    pooled, fmap = models.extract_features(encoder, x)
+    assert pooled.shape == (2, 48) and fmap.shape == (2, 48, 2, 2)
+    classifier = models.build_classifier('swin_tiny', img_size=64, num_classes=3, **TINY_SWIN)
+    pooled, fmap = models.extract_features(classifier, x)
+    assert pooled.shape == (2, 64) and fmap.shape == (2, 64, 2, 2)
+    vit = models.build_classifier('vit_small', img_size=32, num_classes=3, embed_dim=12, depth=1, num_heads=2)
+    pooled, fmap = models.extract_features(vit, torch.randn(2, 3, 32, 32))
+    assert pooled.shape == (2, 12) and fmap.shape == (2, 12, 2, 2)
+
+
+def write_classes(root, per_class, seed=0):
+    """Two classes a small model can tell apart: reddish and bluish noise."""
+    rng = np.random.default_rng(seed)
+    for label, colour in (('blue', (40, 60, 200)), ('red', (200, 50, 40))):
+        os.makedirs(root / label, exist_ok=True)
+        for i in range(per_class):
+            img = (np.array(colour) + rng.normal(0, 40, (40, 48, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / label / f'{i}.png')
+
+
+@pytest.fixture(scope='module')
+def finetuned(tmp_path_factory):
+    """Pretrain a tiny Swin at 192px (window 6), then fine-tune it at 224px (window 7) for a few epochs."""
+    root = tmp_path_factory.mktemp('ft')
+    write_classes(root / 'data' / 'train', 8)
+    write_classes(root / 'data' / 'val', 3, seed=1)  # 6 validation images
+    common = ['--model', 'swin_tiny', '--embed-dim', '8', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2', '2',
+              '4', '--num-workers', '0', '--amp', 'off', '--print-freq', '1']
+    pretrain.main(pretrain.get_args_parser().parse_args(common + [
+        '--data-path', str(root / 'data' / 'train'), '--batch-size', '4', '--epochs', '1', '--warmup-epochs', '0',
+        '--output', str(root / 'pre')]))
+    args = finetune.get_args_parser().parse_args(common[common.index('--num-workers'):] + [  # arch: the checkpoint's
+        '--pretrained', str(root / 'pre' / 'checkpoint.pth'), '--data-path', str(root / 'data'), '--batch-size', '4',
+        '--epochs', '4', '--warmup-epochs', '0', '--base-lr', '1', '--mixup', '0', '--cutmix', '0', '--aa', '',
+        '--reprob', '0', '--output', str(root / 'ft'), '--save-freq', '2'])
+    finetune.main(args)
+    return root
+
+
+def test_pretrain_then_finetune_across_a_window_change(finetuned, capsys):
+    log = read_log(finetuned / 'ft')
+    losses = [r['epoch_loss'] for r in log if 'epoch_loss' in r]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    ckpt = torch.load(finetuned / 'ft' / 'checkpoint.pth', weights_only=True)
+    assert ckpt['args']['classes'] == ['blue', 'red'] and ckpt['args']['num_classes'] == 2
+    assert ckpt['args']['model'] == 'swin_tiny' and ckpt['args']['embed_dim'] == 8  # taken from the pretraining
+    assert ckpt['model']['layers.0.blocks.0.attn.relative_position_bias_table'].shape == (169, 1)  # window 7
+    assert {'best.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_3.pth'} <= set(os.listdir(finetuned / 'ft'))
+    assert max(r['val_acc1'] for r in log if 'val_acc1' in r) == ckpt['max_accuracy']
+
+
+def test_eval_reproduces_the_recorded_accuracy(finetuned, capsys):
+    best = torch.load(finetuned / 'ft' / 'best.pth', weights_only=True)
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--eval', '--resume', str(finetuned / 'ft' / 'best.pth'), '--data-path', str(finetuned / 'data'),
+        '--num-workers', '0', '--amp', 'off', '--batch-size', '4']))
+    out = capsys.readouterr().out
+    assert f"top-1 {best['acc1']:.2f}%" in out and 'on 6 images' in out
+
+
+def test_predict_prints_class_names(finetuned, capsys):
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--predict', str(finetuned / 'data' / 'val' / 'red'), str(finetuned / 'data' / 'val' / 'blue' / '0.png'),
+        '--resume', str(finetuned / 'ft' / 'best.pth'), '--amp', 'off']))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if '.png: ' in ln]
+    assert len(lines) == 4
+    for line in lines:
+        assert re.fullmatch(r'.*\.png: (red|blue) \d+\.\d%, (red|blue) \d+\.\d%', line), line
+
+
+def test_two_process_evaluation_counts_every_image_once(finetuned):
+    # 6 images + 1 more = 7: an odd count that a padding sampler would round up to 8
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(finetuned / 'data' / 'val' / 'red' / 'extra.png')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(HERE, 'finetune.py'), '--eval', '--resume',
+                             str(finetuned / 'ft' / 'best.pth'), '--data-path', str(finetuned / 'data'),
+                             '--num-workers', '0', '--amp', 'off', '--batch-size', '2'],
+                            capture_output=True, text=True, timeout=240)
+    os.remove(finetuned / 'data' / 'val' / 'red' / 'extra.png')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'on 7 images' in result.stdout
+
+
+def test_linear_probe_trains_only_the_head(finetuned, tmp_path, capsys):
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--data-path', str(finetuned / 'data'),
+        '--linear-probe', '--batch-size', '4', '--epochs', '1', '--warmup-epochs', '0', '--num-workers', '0',
+        '--amp', 'off', '--output', str(tmp_path / 'lp')]))
+    pre = torch.load(finetuned / 'pre' / 'checkpoint.pth', weights_only=True)['model']
+    probe = torch.load(tmp_path / 'lp' / 'checkpoint.pth', weights_only=True)
+    assert probe['args']['linear_probe'] and probe['args']['mixup'] == 0
+    assert torch.equal(probe['model']['layers.2.blocks.0.mlp.fc1.weight'], pre['encoder.layers.2.blocks.0.mlp.fc1.weight'])
+    assert 'head.fc.0.running_mean' in probe['model']  # the BatchNorm
+    assert 'swin_tiny: 130 trainable parameters' in capsys.readouterr().out  # Linear(64, 2)
+
+
+def test_finetune_bad_input_is_one_line(finetuned, tmp_path):
+    cases = [
+        (['--data-path', str(finetuned / 'data' / 'train')], 'has no train/ folder'),
+        (['--data-path', str(finetuned / 'data'), '--batch-size', '3'], 'mixup/cutmix need an even --batch-size'),
+        (['--eval', '--data-path', str(finetuned / 'data')], '--eval and --predict need a fine-tuned checkpoint'),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match='^error: .*' + re.escape(message)):
+            finetune.main(finetune.get_args_parser().parse_args(
+                extra + ['--num-workers', '0', '--output', str(tmp_path / 'x')]))
+
+
+def test_finetune_auto_resumes(finetuned, tmp_path, capsys):
+    import shutil
+    shutil.copytree(finetuned / 'ft', tmp_path / 'ft')
+    before = torch.load(tmp_path / 'ft' / 'checkpoint.pth', weights_only=True)
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--data-path', str(finetuned / 'data'), '--batch-size', '4', '--epochs', '5', '--warmup-epochs', '0',
+        '--num-workers', '0', '--amp', 'off', '--mixup', '0', '--cutmix', '0', '--output', str(tmp_path / 'ft')]))
+    out = capsys.readouterr().out
+    assert 'resuming at epoch 4' in out and 'epoch 4 validation' in out and 'epoch 3 validation' not in out
+    after = torch.load(tmp_path / 'ft' / 'checkpoint.pth', weights_only=True)
+    assert after['epoch'] == 4 and after['max_accuracy'] >= before['max_accuracy']

@@ -1,0 +1,347 @@
+"""Fine-tuning, evaluation and inference of SimMIM-pretrained encoders.
+
+    torchrun --nproc_per_node 8 finetune.py --pretrained output/simmim_pretrain/checkpoint.pth --data-path /data/imagenet
+    python finetune.py --eval --resume output/simmim_finetune/best.pth --data-path /data/imagenet
+    python finetune.py --predict photo.jpg photos/ --resume output/simmim_finetune/best.pth
+
+Defaults are the official Swin-B fine-tuning recipe: 224px, window 7, 100 epochs with 20 warmup, lr 1.25e-3 per 512
+images, layer decay 0.9, drop path 0.1, RandAugment, random erasing, mixup/cutmix with label smoothing. The run
+machinery (distributed setup, optimizer, AMP step, schedules, checkpoints, logging) is pretrain.py's.
+"""
+import argparse
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+import models
+from pretrain import (Run, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides, autocast,
+                      build_optimizer, build_scheduler, claim_output, find_resume, load_checkpoint, load_model_state,
+                      save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
+
+# The official layer decay per model family (Swin-B 100-epoch pretraining: 0.9; 800 epochs: 0.8)
+LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
+# Settings a checkpoint carries over when it is resumed, evaluated or used for prediction
+ARCH = ('model', 'window_size', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans', 'mean', 'std')
+CLASSIFIER = ARCH + ('img_size', 'num_classes', 'linear_probe', 'pretrained_window_sizes')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('SimMIM fine-tuning', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--pretrained', default=None, help='SimMIM pretraining checkpoint to start from')
+    g.add_argument('--model', default=None, choices=list(models.MODELS),
+                   help="encoder (default: the checkpoint's, else swin_base)")
+    g.add_argument('--img-size', type=int, default=None, help='input size in pixels (default 224)')
+    add_arch_args(g)
+    g.add_argument('--num-classes', type=int, default=None, help='default: the class folders of DATA/train')
+    g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, slower')
+    g.add_argument('--linear-probe', action='store_true', default=None,
+                   help='freeze the encoder, train BatchNorm + linear on pooled features (no mixup, RandAugment, '
+                        'erasing, smoothing, weight decay)')
+
+    g = p.add_argument_group('augmentation (official fine-tuning values)')
+    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' for none")
+    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, 0 = off')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, 0 = off')
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-path', default=None, help='folder with train/ and val/ class folders (ImageNet layout)')
+    g.add_argument('--batch-size', type=int, default=128, help='images per GPU (per process) and micro-step')
+    g.add_argument('--num-workers', type=int, default=8, help='data loading processes per GPU')
+    g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean (default: ImageNet)')
+    g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
+
+    add_optim_args(p, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
+    p.add_argument('--layer-decay', type=float, default=None,
+                   help='lr x decay^(depth - layer): 0.9 Swin-T/S/B, 0.7 Swin-L, 0.75 SwinV2-B, 0.65 ViT')
+    add_run_args(p, output='output/simmim_finetune')
+    g = p.add_argument_group('evaluate and use')
+    g.add_argument('--eval', action='store_true', help='evaluate the --resume checkpoint on DATA/val and exit')
+    g.add_argument('--throughput', action='store_true', help="print the model's inference images/s and exit")
+    g.add_argument('--predict', nargs='+', default=None, metavar='IMG',
+                   help='print the top-5 classes of these images (files or folders) with the --resume checkpoint')
+    p.set_defaults(pretrained_window_sizes=None, classes=None)  # taken from the checkpoint
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+def layer_id(name, model):
+    """The official layer-wise lr decay assignment. Swin (N blocks): patch embedding 0, block b of stage s
+    sum(depths[:s]) + b + 1, the patch merging after stage s sum(depths[:s + 1]) (timm keeps it at the start of stage
+    s + 1), the rest N + 1. ViT: tokens and patch embedding 0, block i i + 1, the rest N + 1. -> (id, N)."""
+    parts = name.split('.')
+    if hasattr(model, 'blocks'):  # ViT
+        n = len(model.blocks)
+        if parts[0] in ('cls_token', 'mask_token', 'pos_embed', 'patch_embed'):
+            return 0, n
+        return (int(parts[1]) + 1 if parts[0] == 'blocks' else n + 1), n
+    depths = [len(stage.blocks) for stage in model.layers]
+    n = sum(depths)
+    if parts[0] in ('patch_embed', 'mask_token', 'absolute_pos_embed'):
+        return 0, n
+    if parts[0] == 'layers':
+        stage = int(parts[1])
+        return (sum(depths[:stage]) if parts[2] == 'downsample' else sum(depths[:stage]) + int(parts[3]) + 1), n
+    return n + 1, n
+
+
+def layer_scales(model, decay):
+    def scale(name):
+        i, n = layer_id(name, model)
+        return decay ** (n + 1 - i)
+    return scale
+
+
+def build_model(args):
+    model = models.build_classifier(args.model, args.img_size, args.num_classes, args.use_checkpoint,
+                                    pretrained_window_sizes=args.pretrained_window_sizes, **arch_overrides(args))
+    if args.linear_probe:  # frozen encoder, BatchNorm (no affine) + linear on the pooled features
+        for p in model.parameters():
+            p.requires_grad = False
+        parent, attr = (model.head, 'fc') if hasattr(model.head, 'fc') else (model, 'head')
+        fc = getattr(parent, attr).requires_grad_(True)
+        fc.reset_parameters()
+        setattr(parent, attr, nn.Sequential(nn.BatchNorm1d(fc.in_features, affine=False, eps=1e-6), fc))
+    return model
+
+
+def inherit(args, saved, names):
+    """Fill the flags the user left unset from a checkpoint's saved args."""
+    for name in names:
+        if getattr(args, name, None) is None and saved.get(name) is not None:
+            setattr(args, name, saved[name])
+
+
+def pretrained_windows(saved):
+    """SwinV2's per-stage windows in pretraining, which its continuous position bias is scaled by."""
+    pre = argparse.Namespace(**saved)
+    _, kw = models.model_kwargs(pre.model, pre.img_size, True, **arch_overrides(pre))
+    res = kw['img_size'] // kw['patch_size']
+    return [min(kw['window_size'], res // 2 ** i) for i in range(len(kw['depths']))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation and use
+
+@torch.no_grad()
+def evaluate(model, loader, run, amp_context):
+    """Top-1, top-5 (%) and loss over all ranks; every readable validation image counts exactly once."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5, images
+    for images, targets, skipped in loader:
+        keep = (skipped == 0).to(run.device)  # an unreadable file's stand-in is counted with its own index
+        images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
+        with amp_context:
+            logits = model(images).float()
+        loss = F.cross_entropy(logits, targets, reduction='none')
+        hits = logits.topk(min(5, logits.shape[1]), 1).indices.eq(targets[:, None])
+        totals += torch.stack([(loss * keep).sum(), (hits[:, 0] & keep).sum(), (hits.any(1) & keep).sum(),
+                               keep.sum()]).double()
+    if run.distributed:
+        dist.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    return dict(loss=loss / max(n, 1), acc1=100 * top1 / max(n, 1), acc5=100 * top5 / max(n, 1), images=int(n))
+
+
+@torch.no_grad()
+def throughput(model, args, run, amp_context, steps=10):
+    model.eval()
+    x = torch.randn(args.batch_size, args.in_chans, args.img_size, args.img_size, device=run.device)
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        with amp_context:
+            model(x)
+        if run.device.type == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times[3:])[len(times[3:]) // 2]
+    run.print(f"throughput: {args.batch_size / seconds:.1f} images/s ({args.model}, {args.img_size}px, batch "
+              f"{args.batch_size}, median of {steps} forward passes, {run.device})")
+
+
+@torch.no_grad()
+def predict(model, paths, classes, transform, in_chans, run, amp_context, k=5):
+    files = []
+    for path in paths:
+        files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
+    model.eval()
+    for path in files:
+        try:
+            image = transform(data.load_image(path, in_chans))[None].to(run.device)
+        except (OSError, ValueError) as e:
+            run.print(f"{path}: unreadable ({e})")
+            continue
+        with amp_context:
+            probs = model(image).float().softmax(1)[0]
+        top = probs.topk(min(k, len(probs)))
+        print(f"{path}: " + ', '.join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(),
+                                                                                  top.indices.tolist())))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+def setup(args, run, source):
+    """Model settings from the checkpoint and the flags, the data, the model. Errors here are one line."""
+    saved = source.get('args', {}) if source else {}
+    resuming = bool(source) and 'classes' in saved  # a fine-tuning checkpoint: it defines the classifier
+    inherit(args, saved, CLASSIFIER if resuming else ARCH)
+    args.model = args.model or 'swin_base'
+    args.img_size = args.img_size or 224
+    if source and not resuming and models.MODELS[args.model]['family'] == models.SWINV2:
+        args.pretrained_window_sizes = args.pretrained_window_sizes or pretrained_windows(saved)
+    args.in_chans = args.in_chans or 3
+    normalize = data.normalization(args.in_chans, args.mean, args.std)
+    args.mean, args.std = list(normalize.mean), list(normalize.std)
+    if args.linear_probe:
+        args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = 0.
+        args.aa, args.drop_path = '', 0.
+    if args.accumulation_steps < 1:
+        raise ValueError(f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
+    datasets = {}
+    if args.predict is None and not args.throughput:
+        if args.data_path is None:
+            raise ValueError("give --data-path, a folder with train/ and val/ class folders (the demo: --data-path demo)")
+        for split in (['val'] if args.eval else ['train', 'val']):
+            if not os.path.isdir(os.path.join(args.data_path, split)):
+                raise ValueError(f"--data-path '{args.data_path}' has no {split}/ folder; fine-tuning needs "
+                                 f"train/ and val/, each with one folder of images per class")
+        transform = data.eval_transform(args.img_size, normalize)
+        if not args.eval:
+            train_transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob)
+            datasets['train'] = data.ImageDataset(os.path.join(args.data_path, 'train'), train_transform,
+                                                  args.in_chans, classes=saved.get('classes'))
+            if not datasets['train'].classes:
+                raise ValueError(f"'{args.data_path}/train' has no class folders: put each class's images in "
+                                 f"a folder of its own")
+        classes = datasets['train'].classes if 'train' in datasets else saved.get('classes')
+        datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, classes)
+        args.classes = classes or datasets['val'].classes
+        args.num_classes = args.num_classes or len(args.classes)
+    if 'train' in datasets and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    if args.num_classes is None and args.throughput:
+        args.num_classes = 1000
+    model = build_model(args)
+    return model, normalize, datasets
+
+
+def main(args):
+    run = Run(args)
+    resume = find_resume(args)
+    source = load_checkpoint(resume) if resume else load_checkpoint(args.pretrained) if args.pretrained else None
+    if (args.eval or args.predict) and not resume:
+        raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
+    try:
+        model, normalize, datasets = setup(args, run, source)
+        if resume:
+            load_model_state(model, source['model'], resume)
+            run.print(f"loaded {resume} (epoch {source.get('epoch')}, top-1 {source.get('acc1', float('nan')):.2f})")
+        elif source:
+            report = models.load_pretrained(model, source)
+            run.print(f"pretrained {args.pretrained}: {len(report['loaded'])} tensors loaded, "
+                      f"{len(report['resized'])} position tables resized, new: {', '.join(report['missing']) or '-'}, "
+                      f"dropped: {len(report['dropped'])} ({', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'})")
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    model.to(run.device)
+    amp, amp_context = autocast(args.amp, run.device)
+
+    if args.predict:
+        if run.main:
+            predict(model, args.predict, source['args']['classes'], data.eval_transform(args.img_size, normalize),
+                    args.in_chans, run, amp_context)
+        return run.close()
+    if args.throughput:
+        throughput(model, args, run, amp_context)
+        return run.close()
+    val_loader = data.build_loader(datasets['val'], args.batch_size, args.num_workers, args.seed, run.world_size,
+                                   run.rank, train=False)
+    if args.eval:
+        stats = evaluate(model, val_loader, run, amp_context)
+        run.print(f"top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['loss']:.4f} on "
+                  f"{stats['images']} images of {args.data_path}/val")
+        return run.close()
+    finetune(args, run, model, datasets['train'], val_loader, source if resume else None)
+
+
+def finetune(args, run, model, train_set, val_loader, resume_state):
+    claim_output(run, args.output)
+    loader = data.build_loader(train_set, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
+    steps_per_epoch = len(loader) // args.accumulation_steps
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training images make no full step of {args.batch_size} images x "
+                         f"{args.accumulation_steps} accumulation steps on each of {run.world_size} processes; lower "
+                         f"--batch-size or add images")
+    scale_lrs(args, run)
+    args.layer_decay = args.layer_decay or LAYER_DECAY.get(args.model, 0.9)
+    optimizer = build_optimizer(model, args, layer_scales(model, args.layer_decay))
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
+    model_ddp = DistributedDataParallel(
+        model, device_ids=[run.device.index] if run.device.type == 'cuda' else None, gradient_as_bucket_view=True) \
+        if run.distributed else model
+    trainer = Trainer(model_ddp, optimizer, scheduler, args, run)
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                  switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=args.num_classes) \
+        if args.mixup > 0 or args.cutmix > 0 else None
+    criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing) \
+        if args.smoothing > 0 else nn.CrossEntropyLoss()
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.print(f"{args.model}: {trainable:,} trainable parameters, {args.img_size}px, {args.num_classes} classes; "
+              f"{len(train_set):,} training and {len(val_loader.dataset):,} validation images in {args.data_path}")
+    run.print(f"world size {run.world_size} x batch {args.batch_size} x accumulation {args.accumulation_steps} = "
+              f"effective batch {args.effective_batch}; {steps_per_epoch} steps per epoch; lr {args.lr:.3g} "
+              f"(= {args.base_lr:g} x {args.effective_batch} / 512), layer decay {args.layer_decay}, "
+              f"warmup lr {args.warmup_lr_scaled:.3g}, min lr {args.min_lr_scaled:.3g}; amp {trainer.amp}; "
+              f"device {run.device}" + ('; linear probe' if args.linear_probe else ''))
+
+    start_epoch, best = 0, 0.
+    if resume_state:
+        optimizer.load_state_dict(resume_state['optimizer'])
+        trainer.load_state_dict(resume_state['trainer'])
+        start_epoch, best = resume_state['epoch'] + 1, resume_state['max_accuracy']
+        run.print(f"resuming at epoch {start_epoch}")
+    write_provenance(run, args)
+
+    def loss_fn(batch):
+        images, targets, _ = batch
+        images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
+        if mixup:
+            images, targets = mixup(images, targets)
+        return criterion(model_ddp(images), targets)
+
+    for epoch in range(start_epoch, args.epochs):
+        train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run)
+        stats = evaluate(model, val_loader, run, trainer.autocast)
+        is_best = stats['acc1'] > best or epoch == 0
+        best = max(best, stats['acc1'])
+        run.print(f"epoch {epoch} validation: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% "
+                  f"loss {stats['loss']:.4f} ({stats['images']} images); best top-1 {best:.2f}%")
+        run.log(dict(epoch=epoch, **{f'val_{k}': v for k, v in stats.items()}, max_accuracy=best))
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
+                     epoch=epoch, args=vars(args), acc1=stats['acc1'], max_accuracy=best)
+        keep = [f'ckpt_epoch_{epoch}.pth'] if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs else []
+        save_checkpoint(run, state, keep + (['best.pth'] if is_best else []))
+    run.print(f"done: best top-1 {best:.2f}%; checkpoints (best.pth) and log.jsonl are in {args.output}")
+    run.close()
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())
