@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 import models
@@ -212,8 +211,6 @@ def setup(args, run, source):
     if args.linear_probe:
         args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = 0.
         args.aa, args.drop_path = '', 0.
-    if args.accumulation_steps < 1:
-        raise ValueError(f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
     datasets = {}
     if args.predict is None and not args.throughput:
         if args.data_path is None:
@@ -284,18 +281,15 @@ def main(args):
 def finetune(args, run, model, train_set, val_loader, resume_state):
     claim_output(run, args.output)
     loader = data.build_loader(train_set, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
-    steps_per_epoch = len(loader) // args.accumulation_steps
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training images make no full step of {args.batch_size} images x "
-                         f"{args.accumulation_steps} accumulation steps on each of {run.world_size} processes; lower "
-                         f"--batch-size or add images")
-    scale_lrs(args, run)
+    try:
+        schedule = scale_lrs(args, run, loader)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    steps_per_epoch = args.steps_per_epoch
     args.layer_decay = args.layer_decay or LAYER_DECAY.get(args.model, 0.9)
     optimizer = build_optimizer(model, args, layer_scales(model, args.layer_decay))
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
-    model_ddp = DistributedDataParallel(
-        model, device_ids=[run.device.index] if run.device.type == 'cuda' else None, gradient_as_bucket_view=True) \
-        if run.distributed else model
+    model_ddp = run.wrap(model)
     trainer = Trainer(model_ddp, optimizer, scheduler, args, run)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=args.num_classes) \
@@ -306,11 +300,8 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.print(f"{args.model}: {trainable:,} trainable parameters, {args.img_size}px, {args.num_classes} classes; "
               f"{len(train_set):,} training and {len(val_loader.dataset):,} validation images in {args.data_path}")
-    run.print(f"world size {run.world_size} x batch {args.batch_size} x accumulation {args.accumulation_steps} = "
-              f"effective batch {args.effective_batch}; {steps_per_epoch} steps per epoch; lr {args.lr:.3g} "
-              f"(= {args.base_lr:g} x {args.effective_batch} / 512), layer decay {args.layer_decay}, "
-              f"warmup lr {args.warmup_lr_scaled:.3g}, min lr {args.min_lr_scaled:.3g}; amp {trainer.amp}; "
-              f"device {run.device}" + ('; linear probe' if args.linear_probe else ''))
+    run.print(f"{schedule}; layer decay {args.layer_decay}; amp {trainer.amp}; device {run.device}"
+              + ('; linear probe' if args.linear_probe else ''))
 
     start_epoch, best = 0, 0.
     if resume_state:

@@ -159,6 +159,13 @@ class Run:
             t /= self.world_size
         return t.tolist()
 
+    def wrap(self, model):
+        """DistributedDataParallel when distributed (its buckets hold the gradients: no extra copy)."""
+        if not self.distributed:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                                       gradient_as_bucket_view=True)
+
     def close(self):
         if self.distributed:
             dist.destroy_process_group()
@@ -204,11 +211,23 @@ def build_scheduler(optimizer, args, steps_per_epoch):
                                 decay_rate=args.gamma, **warmup)
 
 
-def scale_lrs(args, run):
+def scale_lrs(args, run, loader):
+    """The lr scaling rule (lrs are per 512 images) and the optimizer steps per epoch. -> a line describing both."""
+    if args.accumulation_steps < 1:
+        raise ValueError(f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
+    args.steps_per_epoch = len(loader) // args.accumulation_steps
+    if args.steps_per_epoch == 0:
+        raise ValueError(f"{len(loader.dataset)} images make no full step of {args.batch_size} images x "
+                         f"{args.accumulation_steps} accumulation steps on each of {run.world_size} processes; "
+                         f"lower --batch-size or add images")
     args.effective_batch = args.batch_size * run.world_size * args.accumulation_steps
     args.lr = args.base_lr * args.effective_batch / 512
     args.warmup_lr_scaled = args.warmup_lr * args.effective_batch / 512
     args.min_lr_scaled = args.min_lr * args.effective_batch / 512
+    return (f"world size {run.world_size} x batch {args.batch_size} x accumulation {args.accumulation_steps} = "
+            f"effective batch {args.effective_batch}; {args.steps_per_epoch} steps per epoch; lr {args.lr:.3g} "
+            f"(= {args.base_lr:g} x {args.effective_batch} / 512), warmup lr {args.warmup_lr_scaled:.3g}, "
+            f"min lr {args.min_lr_scaled:.3g}")
 
 
 class Trainer:
@@ -432,20 +451,13 @@ def setup(args, run):
     args.img_size, args.in_chans = model.encoder.patch_embed.img_size[0], model.in_chans
     normalize = data.normalization(args.in_chans, args.mean, args.std)
     mask_generator = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
-    if args.accumulation_steps < 1:
-        raise ValueError(f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
     if args.data_path is None:
         args.data_path = DEMO_DATA
         run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
     dataset = data.ImageDataset(args.data_path, data.PretrainTransform(args.img_size, mask_generator, normalize),
                                 args.in_chans)
     loader = data.build_loader(dataset, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
-    steps_per_epoch = len(loader) // args.accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images make no full step of {args.batch_size} images x "
-                         f"{args.accumulation_steps} accumulation steps on each of {run.world_size} processes; "
-                         f"lower --batch-size or add images")
-    return model, normalize, mask_generator, dataset, loader, steps_per_epoch
+    return model, normalize, mask_generator, dataset, loader, scale_lrs(args, run, loader)
 
 
 def main(args):
@@ -453,24 +465,19 @@ def main(args):
     claim_output(run, args.output)
     torch.manual_seed(args.seed + run.rank)
     try:
-        model, normalize, mask_generator, dataset, loader, steps_per_epoch = setup(args, run)
+        model, normalize, mask_generator, dataset, loader, schedule = setup(args, run)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    scale_lrs(args, run)
+    steps_per_epoch = args.steps_per_epoch
     model.to(run.device)
-    model_ddp = DistributedDataParallel(
-        model, device_ids=[run.device.index] if run.device.type == 'cuda' else None, gradient_as_bucket_view=True) \
-        if run.distributed else model
+    model_ddp = run.wrap(model)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     trainer = Trainer(model_ddp, optimizer, scheduler, args, run)
 
     run.print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {args.img_size}px, "
               f"mask {args.mask_ratio} of {args.mask_patch_size}px squares; {len(dataset):,} images in {args.data_path}")
-    run.print(f"world size {run.world_size} x batch {args.batch_size} x accumulation {args.accumulation_steps} = "
-              f"effective batch {args.effective_batch}; {steps_per_epoch} steps per epoch; lr {args.lr:.3g} "
-              f"(= {args.base_lr:g} x {args.effective_batch} / 512), warmup lr {args.warmup_lr_scaled:.3g}, "
-              f"min lr {args.min_lr_scaled:.3g}; amp {trainer.amp}; device {run.device}")
+    run.print(f"{schedule}; amp {trainer.amp}; device {run.device}")
 
     start_epoch = 0
     resume = find_resume(args)

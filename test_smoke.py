@@ -329,7 +329,8 @@ def read_log(output):
 def test_weight_decay_groups_and_lr_schedules_follow_the_recipe():
     model = tiny_simmim('swinv2_tiny')
     args = pretrain.get_args_parser().parse_args(['--epochs', '10', '--warmup-epochs', '2', '--batch-size', '64'])
-    pretrain.scale_lrs(args, type('run', (), {'world_size': 2})())
+    loader = type('loader', (), {'__len__': lambda self: 25, 'dataset': range(1600)})()
+    assert '25 steps per epoch' in pretrain.scale_lrs(args, type('run', (), {'world_size': 2})(), loader)
     assert args.effective_batch == 128 and args.lr == 2e-4 * 128 / 512 and args.min_lr_scaled == 1e-5 / 4
     optimizer = pretrain.build_optimizer(model, args)
     decay = {n for n, p in model.named_parameters()
@@ -630,3 +631,21 @@ def test_finetune_auto_resumes(finetuned, tmp_path, capsys):
     assert 'resuming at epoch 4' in out and 'epoch 4 validation' in out and 'epoch 3 validation' not in out
     after = torch.load(tmp_path / 'ft' / 'checkpoint.pth', weights_only=True)
     assert after['epoch'] == 4 and after['max_accuracy'] >= before['max_accuracy']
+
+
+def test_swinv2_fine_tuning_scales_its_position_bias_to_the_pretraining_windows(tmp_path):
+    write_classes(tmp_path / 'data' / 'train', 2)
+    write_classes(tmp_path / 'data' / 'val', 1)
+    pretrain.main(pretrain.get_args_parser().parse_args([
+        '--model', 'swinv2_tiny', '--img-size', '64', '--mask-patch-size', '16', '--embed-dim', '6', '--depths', '1',
+        '1', '1', '1', '--data-path', str(tmp_path / 'data' / 'train'), '--batch-size', '4', '--epochs', '1',
+        '--num-workers', '0', '--amp', 'off', '--output', str(tmp_path / 'pre')]))
+    args = finetune.get_args_parser().parse_args([
+        '--pretrained', str(tmp_path / 'pre' / 'checkpoint.pth'), '--img-size', '96', '--data-path',
+        str(tmp_path / 'data'), '--batch-size', '4', '--epochs', '1', '--num-workers', '0', '--amp', 'off',
+        '--output', str(tmp_path / 'ft')])
+    finetune.main(args)
+    assert args.pretrained_window_sizes == [4, 4, 4, 2]  # 64px / 16, the last stage is 2x2
+    model = finetune.build_model(args)
+    assert model.layers[0].blocks[0].attn.pretrained_window_size == (4, 4)
+    assert model.layers[0].blocks[0].attn.window_size == (6, 6)  # 96px / 16
