@@ -30,7 +30,7 @@ from pretrain import (Run, Trainer, add_arch_args, add_optim_args, add_run_args,
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
 # Settings a checkpoint carries over when it is resumed, evaluated or used for prediction
 ARCH = ('model', 'window_size', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans', 'mean', 'std')
-CLASSIFIER = ARCH + ('img_size', 'num_classes', 'linear_probe', 'pretrained_window_sizes')
+CLASSIFIER = ARCH + ('img_size', 'num_classes', 'classes', 'linear_probe', 'pretrained_window_sizes')
 
 
 def get_args_parser():
@@ -196,15 +196,15 @@ def predict(model, paths, classes, transform, in_chans, run, amp_context, k=5):
 # ---------------------------------------------------------------------------------------------------------------------
 # Fine-tuning
 
-def setup(args, run, source):
+def setup(args, run, source, resuming):
     """Model settings from the checkpoint and the flags, the data, the model. Errors here are one line."""
     saved = source.get('args', {}) if source else {}
-    resuming = bool(source) and 'classes' in saved  # a fine-tuning checkpoint: it defines the classifier
-    inherit(args, saved, CLASSIFIER if resuming else ARCH)
+    inherit(args, saved, CLASSIFIER if resuming else ARCH)  # a resumed checkpoint defines the whole classifier
     args.model = args.model or 'swin_base'
     args.img_size = args.img_size or 224
-    if source and not resuming and models.MODELS[args.model]['family'] == models.SWINV2:
-        args.pretrained_window_sizes = args.pretrained_window_sizes or pretrained_windows(saved)
+    if saved and models.MODELS[args.model]['family'] == models.SWINV2:
+        args.pretrained_window_sizes = args.pretrained_window_sizes or saved.get('pretrained_window_sizes') \
+            or pretrained_windows(saved)
     args.in_chans = args.in_chans or 3
     normalize = data.normalization(args.in_chans, args.mean, args.std)
     args.mean, args.std = list(normalize.mean), list(normalize.std)
@@ -223,11 +223,11 @@ def setup(args, run, source):
         if not args.eval:
             train_transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob)
             datasets['train'] = data.ImageDataset(os.path.join(args.data_path, 'train'), train_transform,
-                                                  args.in_chans, classes=saved.get('classes'))
+                                                  args.in_chans, classes=args.classes)
             if not datasets['train'].classes:
                 raise ValueError(f"'{args.data_path}/train' has no class folders: put each class's images in "
                                  f"a folder of its own")
-        classes = datasets['train'].classes if 'train' in datasets else saved.get('classes')
+        classes = datasets['train'].classes if 'train' in datasets else args.classes
         datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, classes)
         args.classes = classes or datasets['val'].classes
         args.num_classes = args.num_classes or len(args.classes)
@@ -246,7 +246,7 @@ def main(args):
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
     try:
-        model, normalize, datasets = setup(args, run, source)
+        model, normalize, datasets = setup(args, run, source, resuming=bool(resume))
         if resume:
             load_model_state(model, source['model'], resume)
             run.print(f"loaded {resume} (epoch {source.get('epoch')}, top-1 {source.get('acc1', float('nan')):.2f})")
@@ -262,7 +262,7 @@ def main(args):
 
     if args.predict:
         if run.main:
-            predict(model, args.predict, source['args']['classes'], data.eval_transform(args.img_size, normalize),
+            predict(model, args.predict, args.classes, data.eval_transform(args.img_size, normalize),
                     args.in_chans, run, amp_context)
         return run.close()
     if args.throughput:
