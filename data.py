@@ -80,11 +80,13 @@ def eval_transform(img_size, normalize, crop_pct=224 / 256):
     ])
 
 
-def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25):
-    """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic), flip, RandAugment,
-    normalisation, random erasing (pixel mode, one box)."""
-    return create_transform(img_size, is_training=True, auto_augment=auto_augment or None, interpolation='bicubic',
-                            re_prob=re_prob, re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std)
+def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, scale=0.08,
+                       hflip=0.5):
+    """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic, area scale-1),
+    flip, RandAugment, normalisation, random erasing (pixel mode, one box)."""
+    return create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
+                            auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
+                            re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std)
 
 
 def load_image(path, in_chans=3):

@@ -22,7 +22,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import data
 import models
-from pretrain import (Run, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides, autocast,
+from pretrain import (HelpFormatter, Run, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides, autocast,
                       build_optimizer, build_scheduler, claim_output, find_resume, load_checkpoint, load_model_state,
                       save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
 
@@ -34,7 +34,7 @@ CLASSIFIER = ARCH + ('img_size', 'num_classes', 'classes', 'linear_probe', 'pret
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('SimMIM fine-tuning', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser('SimMIM fine-tuning', formatter_class=HelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--pretrained', default=None, help='SimMIM pretraining checkpoint to start from')
     g.add_argument('--model', default=None, choices=list(models.MODELS),
@@ -48,6 +48,8 @@ def get_args_parser():
                         'erasing, smoothing, weight decay)')
 
     g = p.add_argument_group('augmentation (official fine-tuning values)')
+    g.add_argument('--scale', type=float, default=0.08, help='RandomResizedCrop: smallest crop, a fraction of the area')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits, ...)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' for none")
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, 0 = off')
@@ -221,7 +223,8 @@ def setup(args, run, source, resuming):
                                  f"train/ and val/, each with one folder of images per class")
         transform = data.eval_transform(args.img_size, normalize)
         if not args.eval:
-            train_transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob)
+            train_transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale,
+                                                      args.hflip)
             datasets['train'] = data.ImageDataset(os.path.join(args.data_path, 'train'), train_transform,
                                                   args.in_chans, classes=args.classes)
             if not datasets['train'].classes:
@@ -252,9 +255,10 @@ def main(args):
             run.print(f"loaded {resume} (epoch {source.get('epoch')}, top-1 {source.get('acc1', float('nan')):.2f})")
         elif source:
             report = models.load_pretrained(model, source)
+            dropped = ', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'
             run.print(f"pretrained {args.pretrained}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report['resized'])} position tables resized, new: {', '.join(report['missing']) or '-'}, "
-                      f"dropped: {len(report['dropped'])} ({', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'})")
+                      f"dropped: {len(report['dropped'])} ({dropped})")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     model.to(run.device)
@@ -286,7 +290,8 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     steps_per_epoch = args.steps_per_epoch
-    args.layer_decay = args.layer_decay or LAYER_DECAY.get(args.model, 0.9)
+    if args.layer_decay is None:
+        args.layer_decay = LAYER_DECAY.get(args.model, 0.9)
     optimizer = build_optimizer(model, args, layer_scales(model, args.layer_decay))
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     model_ddp = run.wrap(model)

@@ -245,8 +245,9 @@ def build_encoder(name, img_size=None, pretrain=True, **overrides):
 
 
 def build_simmim(name, img_size=None, norm_target_window=0, use_checkpoint=False, **overrides):
-    """A SimMIM model for pretraining, by default at the official size (192px for Swin, 224px for ViT). overrides: any architecture field (window_size, embed_dim, depths, num_heads,
-    depth, patch_size, in_chans, drop_path_rate, mlp_ratio, ...); None values are ignored."""
+    """A SimMIM model for pretraining, by default at the official size (192px for Swin, 224px for ViT).
+    overrides: any architecture field (window_size, embed_dim, depths, num_heads, depth, patch_size, in_chans,
+    drop_path_rate, mlp_ratio, ...); None values are ignored."""
     encoder, stride = build_encoder(name, img_size, pretrain=True, **overrides)
     encoder.set_grad_checkpointing(use_checkpoint)
     return SimMIM(encoder, stride, norm_target_window)

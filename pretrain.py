@@ -37,8 +37,17 @@ warnings.filterwarnings('ignore', message='Grad strides do not match bucket view
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (the help text says what happens) and switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser('SimMIM pretraining', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser('SimMIM pretraining', formatter_class=HelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--model', default='swin_base', choices=list(models.MODELS), help='encoder')
     g.add_argument('--img-size', type=int, default=None, help='input size in pixels (default: 192 Swin, 224 ViT)')
@@ -68,9 +77,11 @@ def add_arch_args(g):
     """Architecture overrides shared with finetune.py; unset ones keep the named model's value."""
     g.add_argument('--window-size', type=int, default=None, help='Swin window (default: img size / 32, Swin-L / 16)')
     g.add_argument('--patch-size', type=int, default=None, help='model patch size (default: Swin 4, ViT 16)')
-    g.add_argument('--embed-dim', type=int, default=None, help='width of the first stage')
-    g.add_argument('--depths', type=int, nargs='+', default=None, help='blocks per stage (ViT: one number)')
-    g.add_argument('--num-heads', type=int, nargs='+', default=None, help='heads per stage (ViT: one number)')
+    g.add_argument('--embed-dim', type=int, default=None, help="width of the first stage (default: the model's)")
+    g.add_argument('--depths', type=int, nargs='+', default=None,
+                   help="blocks per stage, ViT: one number (default: the model's)")
+    g.add_argument('--num-heads', type=int, nargs='+', default=None,
+                   help="heads per stage, ViT: one number (default: the model's)")
     g.add_argument('--in-chans', type=int, default=None, help='image channels: 3 (RGB, default) or 1 (grayscale)')
     g.add_argument('--drop-path', type=float, default=None, help='stochastic depth (default: the official config)')
 
@@ -103,8 +114,8 @@ def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
     g.add_argument('--accumulation-steps', type=int, default=1, help='micro-batches per optimizer step')
     g.add_argument('--clip-grad', type=float, default=5.0, help='max gradient norm; 0 = no clipping')
     g.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'off'],
-                   help='autocast dtype (default: bf16 where the device computes it natively, else fp16 on GPU, '
-                        'off on CPU); fp16 uses a gradient scaler')
+                   help='autocast dtype; fp16 uses a gradient scaler (default: bf16 where the device computes it '
+                        'natively: recent GPUs, CPUs with AVX512-BF16 or AMX; else fp16 on GPUs, off on CPUs)')
     g.add_argument('--max-nonfinite', type=int, default=20,
                    help='abort after this many consecutive steps with a non-finite loss or gradient')
 
@@ -114,7 +125,7 @@ def add_run_args(p, output):
     g.add_argument('--output', default=output, help='folder for checkpoints, logs and pictures')
     g.add_argument('--resume', default=None, help='checkpoint to resume from (default: OUTPUT/checkpoint.pth if any)')
     g.add_argument('--no-auto-resume', dest='auto_resume', action='store_false',
-                   help='start afresh even if OUTPUT holds a checkpoint')
+                   help='start afresh even if OUTPUT holds a checkpoint (by default the run continues from it)')
     g.add_argument('--save-freq', type=int, default=5, help='keep a numbered checkpoint every this many epochs')
     g.add_argument('--print-freq', type=int, default=100, help='log every this many optimizer steps')
     g.add_argument('--seed', type=int, default=0)
@@ -393,7 +404,8 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run)
             loss_avg, skipped_files = run.mean(window['loss'].item() / window['steps'], window['skipped_files'])
             images_per_s = window['steps'] * args.effective_batch / elapsed
             remaining = (args.epochs - epoch) * steps_per_epoch - it - 1
-            record = dict(epoch=epoch, step=step + 1, loss=loss_avg, lr=trainer.optimizer.param_groups[0]['lr'],
+            lr = max(group['lr'] for group in trainer.optimizer.param_groups)  # the layers without lr decay
+            record = dict(epoch=epoch, step=step + 1, loss=loss_avg, lr=lr,
                           grad_norm=float(grad_norm), images_per_s=images_per_s,
                           data_s=window['data'] / window['steps'], peak_mem_gb=peak_memory_gb(run.device),
                           skipped_files=int(skipped_files * run.world_size), nonfinite_steps=trainer.nonfinite_total)
