@@ -22,15 +22,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import data
 import models
-from pretrain import (HelpFormatter, Run, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides, autocast,
-                      build_optimizer, build_scheduler, claim_output, find_resume, load_checkpoint, load_model_state,
-                      save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
+from pretrain import (ARCH, HelpFormatter, Run, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides,
+                      autocast, build_optimizer, build_scheduler, claim_output, find_resume, inherit, load_checkpoint,
+                      load_model_state, save_atomic, save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
 
 # The official layer decay per model family (Swin-B 100-epoch pretraining: 0.9; 800 epochs: 0.8)
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
 # Settings a checkpoint carries over when it is resumed, evaluated or used for prediction
-ARCH = ('model', 'window_size', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans', 'mean', 'std')
-CLASSIFIER = ARCH + ('img_size', 'num_classes', 'classes', 'linear_probe', 'pretrained_window_sizes')
+CLASSIFIER = ARCH + ('window_size', 'img_size', 'num_classes', 'classes', 'linear_probe', 'pretrained_window_sizes')
 
 
 def get_args_parser():
@@ -74,6 +73,9 @@ def get_args_parser():
     g.add_argument('--throughput', action='store_true', help="print the model's inference images/s and exit")
     g.add_argument('--predict', nargs='+', default=None, metavar='IMG',
                    help='print the top-5 classes of these images (files or folders) with the --resume checkpoint')
+    g.add_argument('--export', default=None, metavar='PATH',
+                   help="write the --pretrained encoder (at --img-size) or the --resume classifier as a timm state "
+                        "dict and print the timm.create_model call that loads it")
     p.set_defaults(pretrained_window_sizes=None, classes=None)  # taken from the checkpoint
     return p
 
@@ -121,19 +123,27 @@ def build_model(args):
     return model
 
 
-def inherit(args, saved, names):
-    """Fill the flags the user left unset from a checkpoint's saved args."""
-    for name in names:
-        if getattr(args, name, None) is None and saved.get(name) is not None:
-            setattr(args, name, saved[name])
-
-
 def pretrained_windows(saved):
     """SwinV2's per-stage windows in pretraining, which its continuous position bias is scaled by."""
-    pre = argparse.Namespace(**saved)
+    flags = ('model', 'img_size', 'window_size', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans',
+             'drop_path')
+    pre = argparse.Namespace(**{k: saved.get(k) for k in flags})  # unknown ones (weights of other code): defaults
     _, kw = models.model_kwargs(pre.model, pre.img_size, True, **arch_overrides(pre))
     res = kw['img_size'] // kw['patch_size']
     return [min(kw['window_size'], res // 2 ** i) for i in range(len(kw['depths']))]
+
+
+def timm_command(args):
+    """The timm.create_model call that builds the same model as build_classifier(args) and loads args.export."""
+    family, kw = models.model_kwargs(args.model, args.img_size, False, **arch_overrides(args),
+                                     pretrained_window_sizes=args.pretrained_window_sizes)
+    name = {models.SWIN: 'swin_base_patch4_window7_224', models.SWINV2: 'swinv2_base_window8_256',
+            models.VIT: 'beit_base_patch16_224'}[family]
+    kw.pop('drop_path_rate')
+    if family == models.VIT:
+        kw.pop('init_values')
+    shown = ', '.join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in kw.items())
+    return f"timm.create_model('{name}', {shown}, num_classes={args.num_classes}, checkpoint_path='{args.export}')"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,7 +224,7 @@ def setup(args, run, source, resuming):
         args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = 0.
         args.aa, args.drop_path = '', 0.
     datasets = {}
-    if args.predict is None and not args.throughput:
+    if args.predict is None and not args.throughput and not args.export:
         if args.data_path is None:
             raise ValueError("give --data-path, a folder with train/ and val/ class folders (the demo: --data-path demo)")
         for split in (['val'] if args.eval else ['train', 'val']):
@@ -236,8 +246,8 @@ def setup(args, run, source, resuming):
         args.num_classes = args.num_classes or len(args.classes)
     if 'train' in datasets and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
-    if args.num_classes is None and args.throughput:
-        args.num_classes = 1000
+    if args.num_classes is None and (args.throughput or args.export):
+        args.num_classes = 1000 if args.throughput else 0  # an exported encoder has no head
     model = build_model(args)
     return model, normalize, datasets
 
@@ -245,28 +255,38 @@ def setup(args, run, source, resuming):
 def main(args):
     run = Run(args)
     resume = find_resume(args)
-    source = load_checkpoint(resume) if resume else load_checkpoint(args.pretrained) if args.pretrained else None
+    source = load_checkpoint(resume or args.pretrained, args.allow_pickle) if resume or args.pretrained else None
+    ours = bool(resume) and 'classes' in source['args']  # a finetune.py checkpoint, which can continue training
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
+    if resume and not ours and not (args.eval or args.predict or args.throughput or args.export):
+        raise SystemExit(f"error: '{resume}' is no finetune.py checkpoint, so training cannot resume from it; "
+                         f"start from it with --pretrained")
     try:
         model, normalize, datasets = setup(args, run, source, resuming=bool(resume))
-        if resume:
+        if ours:
             load_model_state(model, source['model'], resume)
             run.print(f"loaded {resume} (epoch {source.get('epoch')}, top-1 {source.get('acc1', float('nan')):.2f})")
         elif source:
             report = models.load_pretrained(model, source)
             dropped = ', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'
-            run.print(f"pretrained {args.pretrained}: {len(report['loaded'])} tensors loaded, "
+            run.print(f"{resume or args.pretrained}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report['resized'])} position tables resized, new: {', '.join(report['missing']) or '-'}, "
                       f"dropped: {len(report['dropped'])} ({dropped})")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
+    if args.export:
+        if run.main:
+            save_atomic(lambda f: torch.save(model.state_dict(), f), args.export)
+            run.print(f"wrote {args.export}; in timm: {timm_command(args)}")
+        return run.close()
     model.to(run.device)
     amp, amp_context = autocast(args.amp, run.device)
 
     if args.predict:
         if run.main:
-            predict(model, args.predict, args.classes, data.eval_transform(args.img_size, normalize),
+            classes = args.classes or [f'class {i}' for i in range(args.num_classes)]  # checkpoints of other code
+            predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize),
                     args.in_chans, run, amp_context)
         return run.close()
     if args.throughput:

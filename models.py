@@ -10,7 +10,11 @@ of masked patches right after the patch embedding, an output reshaped to a featu
     report = load_pretrained(classifier, torch.load('ckpt.pth', weights_only=True))   # window 6 -> 7 tables resized
     pooled, feature_map = extract_features(classifier, images)
 """
+import json
 import math
+import os
+import pickle
+import re
 
 import numpy as np
 import torch
@@ -331,24 +335,148 @@ def resize_rel_pos_table(table, rows, extra=0):
     return torch.cat([grid.reshape(dst * dst, -1).to(table.dtype), table[table.shape[0] - extra:]])
 
 
+BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table', 'k_bias')  # rebuilt by the model
+
+
+def read_checkpoint(path, allow_pickle=False):
+    """A .pth / .pt / .bin / .safetensors file, or a Hugging Face model folder (model.safetensors or
+    pytorch_model.bin, with config.json) -> a dict. Pickled objects (the official checkpoints' yacs config) are
+    refused unless allow_pickle: unpickling runs code from the file."""
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in ('model.safetensors', 'pytorch_model.bin')]
+        found = [f for f in files if os.path.isfile(f)]
+        if not found:
+            raise FileNotFoundError(f"'{path}' is a folder without model.safetensors or pytorch_model.bin")
+        checkpoint = read_checkpoint(found[0], allow_pickle)
+        config = os.path.join(path, 'config.json')
+        if os.path.isfile(config):
+            with open(config) as f:
+                checkpoint = dict(model=checkpoint, hf_config=json.load(f))
+        return checkpoint
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file  # installed with timm
+        return load_file(path)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if not found:
+            raise
+        raise ValueError(f"'{path}' holds pickled Python objects ({found[1]}); official SimMIM checkpoints store "
+                         f"their config that way. If you trust the file, load it with --allow-pickle "
+                         f"(read_checkpoint(path, allow_pickle=True)), which runs code from it") from None
+
+
+def _shift_downsample(state):
+    """Microsoft, mmpretrain and Hugging Face keep PatchMerging at the end of stage i, timm at the start of i + 1."""
+    return {re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m[1]) + 1}.downsample', k): v
+            for k, v in state.items()}
+
+
+def _from_mmpretrain(state):
+    """mmpretrain's SwinTransformer merges 2x2 patches with nn.Unfold: channel-major, offsets in the order (0,0),
+    (0,1), (1,0), (1,1); Microsoft and timm concatenate whole patches (0,0), (1,0), (0,1), (1,1). Undo both."""
+    out = {}
+    for k, v in state.items():
+        k = re.sub(r'^(backbone|neck)\.', '', k)
+        k = re.sub(r'^stages\.', 'layers.', re.sub(r'^norm3\.', 'norm.', k))
+        k = k.replace('attn.w_msa.', 'attn.').replace('patch_embed.projection', 'patch_embed.proj')
+        k = k.replace('ffn.layers.0.0', 'mlp.fc1').replace('ffn.layers.1', 'mlp.fc2')
+        if '.downsample.reduction.' in k:
+            out_dim, in_dim = v.shape
+            v = v.reshape(out_dim, in_dim // 4, 4).transpose(1, 2)[:, [0, 2, 1, 3]].reshape(out_dim, in_dim)
+        elif '.downsample.norm.' in k:
+            v = v.reshape(-1, 4).t()[[0, 2, 1, 3]].reshape(-1)
+        out[k] = v
+    return _shift_downsample(out)
+
+
+def _from_huggingface(state):
+    """transformers' Swin names (v4, as on the hub), with q, k, v as three Linear layers."""
+    rename = [('embeddings.patch_embeddings.projection', 'patch_embed.proj'), ('embeddings.norm', 'patch_embed.norm'),
+              ('embeddings.mask_token', 'mask_token'), ('encoder.layers.', 'layers.'), ('layernorm_before', 'norm1'),
+              ('layernorm_after', 'norm2'), ('attention.output.dense', 'attn.proj'), ('attention.self.', 'attn.'),
+              ('intermediate.dense', 'mlp.fc1'), ('output.dense', 'mlp.fc2')]
+    out = {}
+    for k, v in state.items():
+        k = re.sub(r'^swin\.layernorm\.', 'norm.', re.sub(r'^classifier\.', 'head.fc.', k))
+        k = re.sub(r'^swin\.', '', k)
+        for old, new in rename:
+            k = k.replace(old, new)
+        out[k] = v
+    for k in [k for k in out if '.attn.query.' in k]:
+        base, kind = k.split('.attn.query.')
+        out[f'{base}.attn.qkv.{kind}'] = torch.cat([out.pop(f'{base}.attn.{n}.{kind}') for n in ('query', 'key', 'value')])
+    return _shift_downsample(out)
+
+
+def to_timm_layout(checkpoint):
+    """Any supported checkpoint -> (state dict in timm's key names, plus 'mask_token' and 'decoder.*' for SimMIM
+    models, layout name). Layouts: ours / timm, microsoft/SimMIM (pretrain and fine-tuned, Swin and ViT), mmpretrain
+    (SimMIM pretrain and classifiers), Hugging Face transformers (Swin SimMIM and classifiers)."""
+    state = checkpoint
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith(BUFFERS)}
+    if any(k.startswith('backbone.') for k in state):
+        return _from_mmpretrain(state), 'mmpretrain'
+    if any(k.startswith(('swin.', 'classifier.')) for k in state):
+        return _from_huggingface(state), 'huggingface'
+    state = {k[len('encoder.'):] if k.startswith('encoder.') else k: v for k, v in state.items()}
+    if any(k.startswith('layers.0.downsample.') for k in state):  # Swin, Microsoft's order
+        state = _shift_downsample(state)
+        state = {('head.fc.' + k[5:] if k.startswith('head.') and not k.startswith('head.fc.') else k): v
+                 for k, v in state.items()}
+        return state, 'microsoft'
+    return state, 'timm'
+
+
+def infer_arch(state):
+    """The scripts' architecture flags read off a state dict in timm's layout: model, embed_dim, depths, num_heads
+    (one number each for ViT), patch_size, in_chans, window_size (Swin), img_size (ViT), num_classes (classifiers)."""
+    proj = state['patch_embed.proj.weight']
+    arch = dict(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[2])
+    head = state.get('head.fc.weight', state.get('head.weight'))
+    if head is not None:
+        arch['num_classes'] = head.shape[0]
+    if any(k.startswith('blocks.') for k in state):
+        table = state.get('rel_pos_bias.relative_position_bias_table', state.get('blocks.0.attn.relative_position_bias_table'))
+        grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
+        arch.update(family=VIT, depths=(1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),),
+                    num_heads=(table.shape[1],), img_size=grid * arch['patch_size'])
+    else:
+        stages = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('layers.'))
+        depths = tuple(1 + max(int(k.split('.')[3]) for k in state if k.startswith(f'layers.{i}.blocks.'))
+                       for i in range(stages))
+        v2 = 'layers.0.blocks.0.attn.logit_scale' in state
+        heads = tuple(state[f'layers.{i}.blocks.0.attn.' + ('logit_scale' if v2 else 'relative_position_bias_table')]
+                      .shape[0 if v2 else 1] for i in range(stages))
+        arch.update(family=SWINV2 if v2 else SWIN, depths=depths, num_heads=heads)
+        if not v2:
+            arch['window_size'] = (math.isqrt(state['layers.0.blocks.0.attn.relative_position_bias_table'].shape[0]) + 1) // 2
+    family = arch.pop('family')
+    same = [n for n, c in MODELS.items() if c['family'] == family and c['embed_dim'] == arch['embed_dim']
+            and c.get('depths', (c.get('depth'),)) == arch['depths']]
+    arch['model'] = same[0] if same else next(n for n, c in MODELS.items() if c['family'] == family)
+    return arch
+
+
 def load_pretrained(model, checkpoint):
-    """Load a SimMIM-pretrained encoder (our pretrain checkpoint, or any state dict in our key layout) into a
-    classifier or an encoder. Drops the decoder and the mask token, resizes relative position tables to the model's
+    """Load a checkpoint of any supported layout (see to_timm_layout) into a classifier or a SimMIM model. Drops the decoder and the mask token, resizes relative position tables to the model's
     window / grid, copies ViT's shared table into every block. Refuses a checkpoint of another architecture.
     -> report {'loaded', 'resized', 'missing', 'dropped'} (lists of key names)."""
-    state = checkpoint.get('model', checkpoint)
+    state, _ = to_timm_layout(checkpoint)
     target = model.state_dict()
     vit = isinstance(model, Beit)
-    state = {k[len('encoder.'):] if k.startswith('encoder.') else k: v for k, v in state.items()}
     if 'encoder.mask_token' in target:  # into a SimMIM model (continued pretraining): keep the decoder too
         state = {('encoder.' + k if 'encoder.' + k in target else k): v for k, v in state.items()}
     if vit and 'rel_pos_bias.relative_position_bias_table' in state and 'rel_pos_bias.relative_position_bias_table' \
             not in target:  # pretrained with one shared table, fine-tuned with one per block
         shared = state.pop('rel_pos_bias.relative_position_bias_table')
         state.update({f'blocks.{i}.attn.relative_position_bias_table': shared.clone() for i in range(len(model.blocks))})
-    buffers = ('relative_position_index', 'attn_mask', 'relative_coords_table', 'k_bias')
     dropped = [k for k in state if k not in target and (k.startswith(('decoder.', 'mask_token', 'head.'))
-                                                        or k.endswith(buffers) or vit and k.startswith('norm.'))]
+                                                        or vit and k.startswith('norm.'))]
     dropped += [k for k in state if k.startswith('head.') and k in target and state[k].shape != target[k].shape]
     state = {k: v for k, v in state.items() if k not in dropped}
     resized = []
@@ -360,7 +488,7 @@ def load_pretrained(model, checkpoint):
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
                   if k in target and v.shape != target[k].shape]
     unexpected = [k for k in state if k not in target]
-    missing = [k for k in target if k not in state and not k.endswith(buffers)]
+    missing = [k for k in target if k not in state and not k.endswith(BUFFERS)]
     new_ok = ('head.', 'fc_norm.', 'decoder.', 'mask_token', 'encoder.mask_token')
     problems = mismatched + [f"{k} not in the model" for k in unexpected] + \
         [f"{k} not in the checkpoint" for k in missing if not k.startswith(new_ok)]

@@ -49,10 +49,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def get_args_parser():
     p = argparse.ArgumentParser('SimMIM pretraining', formatter_class=HelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='swin_base', choices=list(models.MODELS), help='encoder')
+    g.add_argument('--model', default=None, choices=list(models.MODELS),
+                   help="encoder (default: --pretrained's, else swin_base)")
     g.add_argument('--img-size', type=int, default=None, help='input size in pixels (default: 192 Swin, 224 ViT)')
     add_arch_args(g)
     g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, ~25%% slower')
+    g.add_argument('--pretrained', default=None,
+                   help='continue pretraining from these weights (any supported layout; the decoder too if present)')
 
     g = p.add_argument_group('masking')
     g.add_argument('--mask-patch-size', type=int, default=32, help='side of a masked square, pixels')
@@ -130,6 +133,9 @@ def add_run_args(p, output):
     g.add_argument('--print-freq', type=int, default=100, help='log every this many optimizer steps')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    g.add_argument('--allow-pickle', action='store_true',
+                   help='load checkpoints holding pickled objects (official SimMIM ones hold their yacs config): this '
+                        'runs code from the file, use it only for files you trust')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,12 +322,32 @@ def save_checkpoint(run, state, keep=()):
             save_atomic(lambda f: torch.save(state, f), path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, allow_pickle=False):
+    """Any supported checkpoint (models.read_checkpoint); its 'args' are read off the weights when it has none."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = models.read_checkpoint(path, allow_pickle)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     except Exception as e:
         raise SystemExit(f"error: cannot load checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         f"it is truncated, not a PyTorch checkpoint, or holds pickled objects")
+                         f"it is truncated or not a PyTorch checkpoint")
+    if not isinstance(checkpoint.get('args'), dict):
+        try:
+            checkpoint['args'] = models.infer_arch(models.to_timm_layout(checkpoint)[0])
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"error: '{path}' is not a Swin, SwinV2 or ViT checkpoint that this code knows ({e})")
+    return checkpoint
+
+
+# the architecture a checkpoint carries over to a new run (fine-tuning, continued pretraining)
+ARCH = ('model', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans', 'mean', 'std')
+
+
+def inherit(args, saved, names=ARCH):
+    """Fill the flags the user left unset from a checkpoint's saved args."""
+    for name in names:
+        if getattr(args, name, None) is None and saved.get(name) is not None:
+            setattr(args, name, saved[name])
 
 
 def find_resume(args):
@@ -476,8 +502,18 @@ def main(args):
     run = Run(args)
     claim_output(run, args.output)
     torch.manual_seed(args.seed + run.rank)
+    resume = find_resume(args)
+    source = load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained and not resume else None
+    if source:
+        inherit(args, source['args'])
+    args.model = args.model or 'swin_base'
     try:
         model, normalize, mask_generator, dataset, loader, schedule = setup(args, run)
+        if source:
+            report = models.load_pretrained(model, source)
+            run.print(f"pretrained {args.pretrained}: {len(report['loaded'])} tensors loaded, "
+                      f"{len(report['resized'])} position tables resized, new: {len(report['missing'])}, "
+                      f"dropped: {len(report['dropped'])}")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     steps_per_epoch = args.steps_per_epoch
@@ -492,9 +528,8 @@ def main(args):
     run.print(f"{schedule}; amp {trainer.amp}; device {run.device}")
 
     start_epoch = 0
-    resume = find_resume(args)
     if resume:
-        ckpt = load_checkpoint(resume)
+        ckpt = load_checkpoint(resume, args.allow_pickle)
         load_model_state(model, ckpt['model'], resume)
         optimizer.load_state_dict(ckpt['optimizer'])
         trainer.load_state_dict(ckpt['trainer'])

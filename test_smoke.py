@@ -122,33 +122,17 @@ def test_bad_model_arguments_give_clear_errors():
         model(torch.randn(1, 3, 64, 64), torch.zeros(1, 8, 8, dtype=torch.long))
 
 
-def to_timm_swin_keys(state_dict):
-    """microsoft/SimMIM Swin keys -> ours: timm keeps PatchMerging at the start of the next stage; drop buffers."""
-    out = {}
-    for k, v in state_dict.items():
-        if not k.endswith(('relative_position_index', 'attn_mask')):
-            out[re.sub(r'layers\.(\d+)\.downsample', lambda m: f'layers.{int(m[1]) + 1}.downsample', k)] = v
-    return out
-
-
-@pytest.mark.parametrize('family', ['swin', 'vit'])
-def test_reproduces_the_official_simmim_outputs(family):
-    """Official weights and the official model's outputs (shared/fixtures): our encoder, mask token, decoder and loss
-    give the same numbers."""
-    if family == 'swin':
-        model = models.build_simmim('swin_base', embed_dim=4, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
-        state = to_timm_swin_keys(fixture('ms_simmim_swin.pth')['model'])
-    else:
-        model = models.build_simmim('vit_base', embed_dim=64, depth=2, num_heads=2)
-        state = {k: v for k, v in fixture('ms_simmim_vit.pth')['model'].items()
-                 if not k.endswith('relative_position_index')}
-    model.load_state_dict(state, strict=True)
-    io = fixture(f'ms_simmim_{family}_io.pt')
-    model.eval()
+def test_reproduces_the_official_vit_outputs():
+    """Official ViT weights and the official model's outputs (fixtures/): our encoder with the mask token, the decoder
+    and the loss give the same numbers. (Swin: test_every_pretraining_layout_reproduces_the_official_outputs.)"""
+    model = models.build_simmim('vit_base', embed_dim=64, depths=None, depth=2, num_heads=2).eval()
+    report = models.load_pretrained(model, fixture('ms_simmim_vit.pth'))
+    assert report['missing'] == [] and report['dropped'] == []
+    io = fixture('ms_simmim_vit_io.pt')
     with torch.no_grad():
         features = model.encoder(io['x'], io['mask'])
-        torch.testing.assert_close(features, io['features'], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(model.decoder(features), io['reconstruction'], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(features, io['features'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.decoder(features), io['reconstruction'], atol=1e-5, rtol=1e-5)
         assert abs(model(io['x'], io['mask']).item() - io['loss'].item()) <= 1e-5
         # and a wrong mask is far off: the mask token matters
         assert (model.encoder(io['x'], torch.zeros_like(io['mask'])) - io['features']).abs().max() > 0.1
@@ -447,7 +431,7 @@ def test_window_resize_reproduces_the_official_tables():
     """Official load_pretrained resized the window-6 tables to window 7; our loader gives the same tables."""
     classifier = models.build_classifier('swin_base', num_classes=10, embed_dim=4, depths=(2, 2, 2, 2),
                                          num_heads=(1, 2, 4, 8))
-    report = models.load_pretrained(classifier, to_timm_swin_keys(fixture('ms_simmim_swin.pth')['model']))
+    report = models.load_pretrained(classifier, fixture('ms_simmim_swin.pth'))
     reference = fixture('ms_window_interp.pt')
     assert sorted(report['resized']) == sorted(reference) and report['missing'] == ['head.fc.weight', 'head.fc.bias']
     assert {'decoder.0.weight', 'mask_token'} <= set(report['dropped'])
@@ -649,3 +633,124 @@ def test_swinv2_fine_tuning_scales_its_position_bias_to_the_pretraining_windows(
     model = finetune.build_model(args)
     assert model.layers[0].blocks[0].attn.pretrained_window_size == (4, 4)
     assert model.layers[0].blocks[0].attn.window_size == (6, 6)  # 96px / 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints of other code: microsoft/SimMIM, mmpretrain, Hugging Face, timm
+
+TINY_FIXTURE_SWIN = dict(embed_dim=4, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+
+
+def hf_safetensors(tmp_path):
+    """The Hugging Face fixture as model.safetensors + config.json, as newer hub repositories hold it."""
+    from safetensors.torch import save_file
+    folder = tmp_path / 'hf_safetensors'
+    os.makedirs(folder)
+    state = torch.load(os.path.join(FIXTURES, 'hf_simmim_swin', 'pytorch_model.bin'), weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / 'model.safetensors')
+    os.link(os.path.join(FIXTURES, 'hf_simmim_swin', 'config.json'), folder / 'config.json')
+    return str(folder)
+
+
+@pytest.mark.parametrize('source, layout', [('ms_simmim_swin.pth', 'microsoft'), ('mm_simmim_swin.pth', 'mmpretrain'),
+                                            ('hf_simmim_swin', 'huggingface'), ('safetensors', 'huggingface')])
+def test_every_pretraining_layout_reproduces_the_official_outputs(source, layout, tmp_path):
+    path = hf_safetensors(tmp_path) if source == 'safetensors' else os.path.join(FIXTURES, source)
+    checkpoint = models.read_checkpoint(path)
+    state, found = models.to_timm_layout(checkpoint)
+    assert found == layout
+    assert models.infer_arch(state) == dict(model='swin_tiny', window_size=6, patch_size=4, in_chans=3,
+                                            **TINY_FIXTURE_SWIN)
+    model = models.build_simmim('swin_tiny', **TINY_FIXTURE_SWIN).eval()
+    report = models.load_pretrained(model, checkpoint)
+    assert report['missing'] == [] and report['dropped'] == [] and report['resized'] == []  # decoder kept too
+    io = fixture('ms_simmim_swin_io.pt')
+    with torch.no_grad():
+        features = model.encoder(io['x'], io['mask'])
+        torch.testing.assert_close(features, io['features'], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.decoder(features), io['reconstruction'], atol=1e-5, rtol=1e-5)
+        assert abs(model(io['x'], io['mask']).item() - io['loss'].item()) <= 1e-5
+
+
+@pytest.mark.parametrize('source', ['ms_finetune_swin_w7_224.pth', 'mm_finetune_swin_w7_224.pth'])
+def test_every_classifier_layout_reproduces_the_official_logits(source):
+    checkpoint = models.read_checkpoint(os.path.join(FIXTURES, source))
+    arch = models.infer_arch(models.to_timm_layout(checkpoint)[0])
+    assert arch['num_classes'] == 10 and arch['window_size'] == 7
+    model = models.build_classifier('swin_tiny', num_classes=10, **TINY_FIXTURE_SWIN).eval()
+    report = models.load_pretrained(model, checkpoint)
+    assert report['missing'] == [] and report['dropped'] == []
+    io = fixture('ms_finetune_swin_w7_224_io.pt')
+    with torch.no_grad():
+        torch.testing.assert_close(model(io['x']), io['logits'], atol=1e-5, rtol=1e-5)
+
+
+def test_a_missed_conversion_step_is_caught_by_the_values():
+    """What the tests above guard against: without mmpretrain's PatchMerging permutation, or with q and k swapped
+    in the Hugging Face split, every key still loads but the features are far off."""
+    io = fixture('ms_simmim_swin_io.pt')
+    mm = models.read_checkpoint(os.path.join(FIXTURES, 'mm_simmim_swin.pth'))
+    hf = models.read_checkpoint(os.path.join(FIXTURES, 'hf_simmim_swin'))
+    unpermuted = {k.replace('downsample', 'DS'): v for k, v in mm['state_dict'].items()}  # skips the permutation
+    converted, _ = models.to_timm_layout(unpermuted)
+    converted = {re.sub(r'layers\.(\d+)\.DS', lambda m: f'layers.{int(m[1]) + 1}.downsample', k): v
+                 for k, v in converted.items()}
+    swapped = dict(hf['model'])
+    for k in [k for k in swapped if '.query.' in k]:
+        swapped[k], swapped[k.replace('.query.', '.key.')] = swapped[k.replace('.query.', '.key.')], swapped[k]
+    for wrong in (converted, swapped):
+        model = models.build_simmim('swin_tiny', **TINY_FIXTURE_SWIN).eval()
+        models.load_pretrained(model, wrong)
+        with torch.no_grad():
+            assert (model.encoder(io['x'], io['mask']) - io['features']).abs().max() > 0.5
+
+
+def test_pickled_checkpoints_need_the_explicit_opt_in(tmp_path):
+    state = fixture('ms_simmim_swin.pth')
+    state['config'] = argparse_namespace = __import__('argparse').Namespace(model='swin')  # stands for the yacs node
+    torch.save(state, tmp_path / 'official.pth')
+    with pytest.raises(ValueError, match='holds pickled Python objects.*--allow-pickle'):
+        models.read_checkpoint(str(tmp_path / 'official.pth'))
+    assert models.read_checkpoint(str(tmp_path / 'official.pth'), allow_pickle=True)['config'] == argparse_namespace
+    with pytest.raises(SystemExit, match='--allow-pickle'):
+        finetune.main(finetune.get_args_parser().parse_args(['--pretrained', str(tmp_path / 'official.pth'),
+                                                             '--export', str(tmp_path / 'x.pth')]))
+
+
+def test_export_from_any_layout_loads_in_timm(tmp_path, capsys):
+    """finetune.py --export with nothing but a Hugging Face folder: the architecture is read off the weights, the
+    tables are resized to window 7, and timm.create_model loads the file strictly."""
+    import timm
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--pretrained', os.path.join(FIXTURES, 'hf_simmim_swin'), '--export', str(tmp_path / 'encoder.pth')]))
+    command = capsys.readouterr().out.split('in timm: ')[1].strip()
+    assert command.startswith("timm.create_model('swin_base_patch4_window7_224', img_size=224, embed_dim=4")
+    model = eval(command)  # strict: no missing or unexpected keys
+    reference = fixture('ms_window_interp.pt')
+    for key, table in reference.items():
+        torch.testing.assert_close(model.state_dict()[key], table, atol=1e-6, rtol=0)
+
+
+def test_continued_pretraining_from_the_official_checkpoint_keeps_the_decoder(tmp_path, capsys):
+    write_images(tmp_path / 'data', 4, size=200)
+    pretrain.main(pretrain.get_args_parser().parse_args([
+        '--pretrained', os.path.join(FIXTURES, 'ms_simmim_swin.pth'), '--data-path', str(tmp_path / 'data'),
+        '--batch-size', '2', '--epochs', '1', '--warmup-epochs', '0', '--num-workers', '0', '--amp', 'off',
+        '--output', str(tmp_path / 'run')]))
+    out = capsys.readouterr().out
+    assert 'swin_tiny: 142,390 parameters' in out  # the fixture's architecture, read off its weights
+    assert 'ms_simmim_swin.pth: 122 tensors loaded, 0 position tables resized, new: 0, dropped: 0' in out
+
+
+def test_eval_and_predict_with_a_classifier_of_other_code(tmp_path, capsys):
+    write_classes(tmp_path / 'data' / 'val', 2)
+    for extra in (['--eval', '--data-path', str(tmp_path / 'data')], ['--predict', str(tmp_path / 'data' / 'val')]):
+        finetune.main(finetune.get_args_parser().parse_args(
+            ['--resume', os.path.join(FIXTURES, 'mm_finetune_swin_w7_224.pth'), '--num-workers', '0', '--amp', 'off',
+             '--output', str(tmp_path / 'none')] + extra))
+    out = capsys.readouterr().out
+    assert 'mm_finetune_swin_w7_224.pth: 121 tensors loaded, 0 position tables resized, new: -, dropped: 0' in out
+    assert 'on 4 images of' in out and len(re.findall(r'\.png: class \d+ \d+\.\d%', out)) == 4
+    with pytest.raises(SystemExit, match='no finetune.py checkpoint, so training cannot resume from it'):
+        finetune.main(finetune.get_args_parser().parse_args(
+            ['--resume', os.path.join(FIXTURES, 'mm_finetune_swin_w7_224.pth'), '--data-path', str(tmp_path / 'data')]))
