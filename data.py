@@ -1,4 +1,5 @@
 """SimMIM data: the mask generator, transforms, an image-folder dataset that survives bad files, and the loader."""
+import itertools
 import math
 import os
 import warnings
@@ -160,7 +161,7 @@ class ImageDataset(Dataset):
                 return load_image(path, self.in_chans), label, skipped
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 warnings.warn(f"skipping unreadable image {path}: {e}")
-        raise RuntimeError(f"none of the {len(self.samples)} image files under '{self.root}' could be read")
+        raise ValueError(f"none of the {len(self.samples)} image files under '{self.root}' could be read")
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -174,10 +175,16 @@ class ImageDataset(Dataset):
 
 class SeededSampler(DistributedSampler):
     """DistributedSampler (also for a single process) that hands each index out with a seed derived from
-    (seed, epoch, index): the order and every sample's random augmentation are a function of the epoch alone."""
+    (seed, epoch, index): the order and every sample's random augmentation are a function of the epoch alone.
+    set_epoch(epoch, skip) starts the epoch's order after its first `skip` indices (a run resumed mid-epoch)."""
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
-        for index in super().__iter__():
+        for index in itertools.islice(super().__iter__(), self.skip, None):
             yield index, hash((self.seed, self.epoch, index)) & 0xFFFF_FFFF_FFFF
 
 

@@ -24,7 +24,8 @@ import data
 import models
 from pretrain import (ARCH, HelpFormatter, Run, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides,
                       autocast, build_optimizer, build_scheduler, claim_output, find_resume, inherit, load_checkpoint,
-                      load_model_state, save_atomic, save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
+                      load_model_state, resume_position, save_atomic, save_checkpoint, scale_lrs, train_one_epoch,
+                      write_provenance)
 
 # The official layer decay per model family (Swin-B 100-epoch pretraining: 0.9; 800 epochs: 0.8)
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
@@ -237,6 +238,7 @@ def setup(args, run, source, resuming):
                                                       args.hflip)
             datasets['train'] = data.ImageDataset(os.path.join(args.data_path, 'train'), train_transform,
                                                   args.in_chans, classes=args.classes)
+            datasets['train'].load(0)  # at least one readable image
             if not datasets['train'].classes:
                 raise ValueError(f"'{args.data_path}/train' has no class folders: put each class's images in "
                                  f"a folder of its own")
@@ -254,6 +256,16 @@ def setup(args, run, source, resuming):
 
 def main(args):
     run = Run(args)
+    try:
+        start(args, run)
+    except RuntimeError as e:
+        run.fail_on_lost_peer(e)
+    finally:
+        run.close()
+
+
+def start(args, run):
+    """Load the model, then predict, measure, export, evaluate or fine-tune."""
     resume = find_resume(args)
     source = load_checkpoint(resume or args.pretrained, args.allow_pickle) if resume or args.pretrained else None
     ours = bool(resume) and 'classes' in source['args']  # a finetune.py checkpoint, which can continue training
@@ -279,7 +291,7 @@ def main(args):
         if run.main:
             save_atomic(lambda f: torch.save(model.state_dict(), f), args.export)
             run.print(f"wrote {args.export}; in timm: {timm_command(args)}")
-        return run.close()
+        return
     model.to(run.device)
     amp, amp_context = autocast(args.amp, run.device)
 
@@ -288,17 +300,17 @@ def main(args):
             classes = args.classes or [f'class {i}' for i in range(args.num_classes)]  # checkpoints of other code
             predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize),
                     args.in_chans, run, amp_context)
-        return run.close()
+        return
     if args.throughput:
         throughput(model, args, run, amp_context)
-        return run.close()
+        return
     val_loader = data.build_loader(datasets['val'], args.batch_size, args.num_workers, args.seed, run.world_size,
                                    run.rank, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, run, amp_context)
         run.print(f"top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['loss']:.4f} on "
                   f"{stats['images']} images of {args.data_path}/val")
-        return run.close()
+        return
     finetune(args, run, model, datasets['train'], val_loader, source if resume else None)
 
 
@@ -328,12 +340,12 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     run.print(f"{schedule}; layer decay {args.layer_decay}; amp {trainer.amp}; device {run.device}"
               + ('; linear probe' if args.linear_probe else ''))
 
-    start_epoch, best = 0, 0.
+    start_epoch, start_step, best = 0, 0, 0.
     if resume_state:
         optimizer.load_state_dict(resume_state['optimizer'])
         trainer.load_state_dict(resume_state['trainer'])
-        start_epoch, best = resume_state['epoch'] + 1, resume_state['max_accuracy']
-        run.print(f"resuming at epoch {start_epoch}")
+        (start_epoch, start_step), best = resume_position(resume_state, steps_per_epoch), resume_state['max_accuracy']
+        run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
     write_provenance(run, args)
 
     def loss_fn(batch):
@@ -343,20 +355,27 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
             images, targets = mixup(images, targets)
         return criterion(model_ddp(images), targets)
 
+    def state_fn(epoch, step):
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
+                    epoch=epoch, step=step, args=vars(args), max_accuracy=best)
+
     for epoch in range(start_epoch, args.epochs):
-        train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run)
+        if train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run, state_fn,
+                           start_step if epoch == start_epoch else 0) is None:
+            return
         stats = evaluate(model, val_loader, run, trainer.autocast)
         is_best = stats['acc1'] > best or epoch == 0
         best = max(best, stats['acc1'])
         run.print(f"epoch {epoch} validation: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% "
                   f"loss {stats['loss']:.4f} ({stats['images']} images); best top-1 {best:.2f}%")
         run.log(dict(epoch=epoch, **{f'val_{k}': v for k, v in stats.items()}, max_accuracy=best))
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
-                     epoch=epoch, args=vars(args), acc1=stats['acc1'], max_accuracy=best)
         keep = [f'ckpt_epoch_{epoch}.pth'] if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs else []
-        save_checkpoint(run, state, keep + (['best.pth'] if is_best else []))
+        save_checkpoint(run, dict(state_fn(epoch, steps_per_epoch), acc1=stats['acc1']),
+                        keep + (['best.pth'] if is_best else []))
+        if run.sigterm:
+            run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
+            return
     run.print(f"done: best top-1 {best:.2f}%; checkpoints (best.pth) and log.jsonl are in {args.output}")
-    run.close()
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -130,6 +131,10 @@ def add_run_args(p, output):
     g.add_argument('--no-auto-resume', dest='auto_resume', action='store_false',
                    help='start afresh even if OUTPUT holds a checkpoint (by default the run continues from it)')
     g.add_argument('--save-freq', type=int, default=5, help='keep a numbered checkpoint every this many epochs')
+    g.add_argument('--save-steps', type=int, default=0,
+                   help='also update checkpoint.pth every this many steps inside an epoch (resumed exactly); 0 = off')
+    g.add_argument('--dist-timeout', type=float, default=30,
+                   help='minutes a collective waits for a dead or hung rank before the run stops with an error')
     g.add_argument('--print-freq', type=int, default=100, help='log every this many optimizer steps')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
@@ -154,9 +159,21 @@ class Run:
         if cuda:
             torch.cuda.set_device(self.device)
         if self.distributed:
-            dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=args.dist_timeout))
         self.main = self.rank == 0
         self.output = args.output
+        self.sigterm = False  # schedulers send SIGTERM before preemption: save and stop after the current step
+        self.previous_handler = signal.signal(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self, *_):
+        self.sigterm = True
+
+    def stop_requested(self):
+        """Whether any rank got SIGTERM (all ranks must stop after the same step)."""
+        flag = torch.tensor(float(self.sigterm), device=self.device)
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def print(self, *msg):
         if self.main:
@@ -183,8 +200,20 @@ class Run:
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
                                        gradient_as_bucket_view=True)
 
+    def fail_on_lost_peer(self, error):
+        """A collective that failed because another rank died or hung (--dist-timeout): one line, not a traceback."""
+        lost = ('Timed out', 'timed out', 'Connection closed by peer', 'Connection reset by peer', 'NCCL')
+        if self.distributed and any(s in str(error) for s in lost):
+            raise SystemExit(f"error: rank {self.rank}: another process of this run died or stopped responding "
+                             f"({str(error).splitlines()[0][:200]}); rerun the same command to resume from the last "
+                             f"checkpoint") from None
+        raise error
+
     def close(self):
-        if self.distributed:
+        signal.signal(signal.SIGTERM, self.previous_handler)
+        if getattr(self, 'lock', None):
+            self.lock.close()
+        if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -310,7 +339,13 @@ def save_checkpoint(run, state, keep=()):
     if not run.main:
         return
     latest = os.path.join(run.output, 'checkpoint.pth')
-    save_atomic(lambda f: torch.save(state, f), latest)
+    try:
+        save_atomic(lambda f: torch.save(state, f), latest)
+    except OSError as e:
+        if os.path.exists(latest + '.tmp'):
+            os.remove(latest + '.tmp')
+        raise SystemExit(f"error: could not write {latest} ({e.strerror or e}); the previous checkpoint is intact: "
+                         f"free some space (or fix the folder) and rerun the same command to resume")
     for name in keep:
         path = os.path.join(run.output, name)
         try:
@@ -320,6 +355,12 @@ def save_checkpoint(run, state, keep=()):
             os.replace(path + '.tmp', path)
         except OSError:  # no hard links on this file system
             save_atomic(lambda f: torch.save(state, f), path)
+
+
+def resume_position(checkpoint, steps_per_epoch):
+    """(epoch, step) to continue from: after a completed epoch, or inside one (--save-steps, SIGTERM)."""
+    step = checkpoint.get('step', steps_per_epoch)
+    return (checkpoint['epoch'] + 1, 0) if step >= steps_per_epoch else (checkpoint['epoch'], step)
 
 
 def load_checkpoint(path, allow_pickle=False):
@@ -402,25 +443,26 @@ def claim_output(run, path):
             raise SystemExit(f"error: another run is writing to --output '{path}'; stop it or choose another folder")
 
 
-def train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run):
-    """One epoch of trainer.step over loader's batches (whose 3rd item counts skipped files), logging every
-    --print-freq steps. -> the epoch's mean loss over all ranks."""
+def train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run, state_fn, start=0):
+    """Steps start.. of one epoch of trainer.step over loader's batches (whose 3rd item counts skipped files),
+    logging every --print-freq steps; checkpoint.pth = state_fn(epoch, steps done) every --save-steps steps and on
+    SIGTERM. -> the epoch's mean loss over all ranks, or None when stopped by SIGTERM."""
     trainer.model.train()
-    loader.sampler.set_epoch(epoch)
-    seed = hash((args.seed, epoch, run.rank)) & 0xFFFF_FFFF  # drop path, mixup: a function of the epoch
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    batches = iter(itertools.islice(loader, steps_per_epoch * args.accumulation_steps))
+    loader.sampler.set_epoch(epoch, skip=start * args.accumulation_steps * args.batch_size)
+    batches = iter(itertools.islice(loader, (steps_per_epoch - start) * args.accumulation_steps))
     loss_sum = torch.zeros((), device=run.device)
     window = dict(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(), skipped_files=0)
     epoch_start = time.time()
-    for it in range(steps_per_epoch):
+    for it in range(start, steps_per_epoch):
         t = time.time()
         micro = [next(batches) for _ in range(args.accumulation_steps)]
         window['data'] += time.time() - t
         skipped = sum(int(b[2].sum()) for b in micro)
         window['skipped_files'] += skipped
         step = epoch * steps_per_epoch + it
+        seed = hash((args.seed, step, run.rank)) & 0xFFFF_FFFF  # drop path, mixup: a function of the step
+        torch.manual_seed(seed)
+        np.random.seed(seed)
         loss, grad_norm = trainer.step(step, micro, loss_fn)
         loss_sum += loss
         window['loss'] += loss
@@ -444,7 +486,13 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run)
             run.log(record)
             window.update(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(),
                           skipped_files=0)
-    epoch_loss, = run.mean(loss_sum.item() / steps_per_epoch)
+        stop = run.stop_requested()
+        if it + 1 < steps_per_epoch and (stop or args.save_steps and (it + 1) % args.save_steps == 0):
+            save_checkpoint(run, state_fn(epoch, it + 1))
+        if stop and it + 1 < steps_per_epoch:
+            run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; rerun the same command to resume")
+            return None
+    epoch_loss, = run.mean(loss_sum.item() / (steps_per_epoch - start))
     run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}: "
               f"mean loss {epoch_loss:.4f}")
     run.log(dict(epoch=epoch, epoch_loss=epoch_loss, epoch_time_s=time.time() - epoch_start))
@@ -494,12 +542,22 @@ def setup(args, run):
         run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
     dataset = data.ImageDataset(args.data_path, data.PretrainTransform(args.img_size, mask_generator, normalize),
                                 args.in_chans)
+    dataset.load(0)  # at least one readable image, else one clear error now rather than in a worker
     loader = data.build_loader(dataset, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
     return model, normalize, mask_generator, dataset, loader, scale_lrs(args, run, loader)
 
 
 def main(args):
     run = Run(args)
+    try:
+        pretrain(args, run)
+    except RuntimeError as e:
+        run.fail_on_lost_peer(e)
+    finally:
+        run.close()
+
+
+def pretrain(args, run):
     claim_output(run, args.output)
     torch.manual_seed(args.seed + run.rank)
     resume = find_resume(args)
@@ -527,14 +585,14 @@ def main(args):
               f"mask {args.mask_ratio} of {args.mask_patch_size}px squares; {len(dataset):,} images in {args.data_path}")
     run.print(f"{schedule}; amp {trainer.amp}; device {run.device}")
 
-    start_epoch = 0
+    start_epoch, start_step = 0, 0
     if resume:
         ckpt = load_checkpoint(resume, args.allow_pickle)
         load_model_state(model, ckpt['model'], resume)
         optimizer.load_state_dict(ckpt['optimizer'])
         trainer.load_state_dict(ckpt['trainer'])
-        start_epoch = ckpt['epoch'] + 1
-        run.print(f"resumed from {resume} at epoch {start_epoch}")
+        start_epoch, start_step = resume_position(ckpt, steps_per_epoch)
+        run.print(f"resumed from {resume} at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
     write_provenance(run, args)
     pictures = picture_batch(dataset, data.eval_transform(args.img_size, normalize, crop_pct=1.0), mask_generator,
                              run.device) if run.main else None
@@ -545,18 +603,24 @@ def main(args):
         (images, masks), _, _ = batch
         return model_ddp(images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True))
 
+    def state_fn(epoch, step):
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
+                    epoch=epoch, step=step, args=vars(args))
+
     for epoch in range(start_epoch, args.epochs):
-        train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run)
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
-                     epoch=epoch, args=vars(args))
+        if train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run, state_fn,
+                           start_step if epoch == start_epoch else 0) is None:
+            return
         last = epoch + 1 == args.epochs
         keep = (epoch + 1) % args.save_freq == 0 or last
-        save_checkpoint(run, state, keep=[f'ckpt_epoch_{epoch}.pth'] if keep else [])
+        save_checkpoint(run, state_fn(epoch, steps_per_epoch), keep=[f'ckpt_epoch_{epoch}.pth'] if keep else [])
         if keep and run.main:
             name = 'reconstruction_end.png' if last else f'reconstruction_epoch_{epoch}.png'
             save_reconstructions(model, *pictures, normalize, os.path.join(args.output, name))
+        if run.sigterm:
+            run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
+            return
     run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in {args.output}")
-    run.close()
 
 
 if __name__ == '__main__':

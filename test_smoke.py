@@ -754,3 +754,117 @@ def test_eval_and_predict_with_a_classifier_of_other_code(tmp_path, capsys):
     with pytest.raises(SystemExit, match='no finetune.py checkpoint, so training cannot resume from it'):
         finetune.main(finetune.get_args_parser().parse_args(
             ['--resume', os.path.join(FIXTURES, 'mm_finetune_swin_w7_224.pth'), '--data-path', str(tmp_path / 'data')]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Faults: preemption, full disks, lost ranks, bad files
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypatch, capsys):
+    import signal
+    write_images(tmp_path / 'data', 8)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'straight'))  # 2 epochs x 2 steps
+    original, calls = models.SimMIM.forward, []
+
+    def preempted(self, x, mask):  # SIGTERM arrives during the 3rd step (epoch 1, step 0)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, x, mask)
+
+    monkeypatch.setattr(models.SimMIM, 'forward', preempted)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
+    monkeypatch.setattr(models.SimMIM, 'forward', original)
+    assert 'SIGTERM: stopped after step 1 of epoch 1' in capsys.readouterr().out
+    stopped = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
+    assert (stopped['epoch'], stopped['step']) == (1, 1)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
+    assert 'resumed from' in capsys.readouterr().out
+    a = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)['model']
+    b = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    write_images(tmp_path / 'data', 8)
+    real_save, saves = torch.save, []
+
+    def disk_fills(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b'partial')
+            raise OSError(28, 'No space left on device')
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, 'save', disk_fills)
+    with pytest.raises(SystemExit, match='could not write .*checkpoint.pth .No space left on device.; the previous '
+                                         'checkpoint is intact'):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
+    assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+    assert not os.path.exists(tmp_path / 'run' / 'checkpoint.pth.tmp')
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(SystemExit, match="--output '.*file/out' is not writable"):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'file' / 'out'))
+
+
+def test_bad_files_are_skipped_and_all_bad_is_one_line(tmp_path, monkeypatch):
+    write_images(tmp_path / 'data', 4)
+    (tmp_path / 'data' / 'empty.jpg').write_bytes(b'')
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / 'data' / 'tiny.png')  # smaller than the crop
+    palette = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert('P')
+    palette.info['transparency'] = 0
+    palette.save(tmp_path / 'data' / 'palette.png', transparency=0)
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / 'data' / 'bomb.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 40_000)  # 300 x 300 > 2 x 40,000: a decompression bomb
+    ds = data.ImageDataset(str(tmp_path / 'data'), data.PretrainTransform(64, data.MaskGenerator(64, 16, 4, 0.5),
+                                                                          data.normalization(3)))
+    with pytest.warns(UserWarning) as warned:
+        items = [ds[(i, i)] for i in range(len(ds))]
+    assert {os.path.basename(str(w.message).split(': ')[0].split()[-1]) for w in warned} == {'empty.jpg', 'bomb.png'}
+    assert all(img.shape == (3, 64, 64) for (img, _), _, _ in items)
+    assert [s for _, _, s in items][:2] == [2, 1]  # sorted: bomb.png falls through empty.jpg to img0.png
+    bad = tmp_path / 'bad'
+    os.makedirs(bad)
+    for i in range(3):
+        (bad / f'{i}.jpg').write_text('not an image')
+    with pytest.warns(UserWarning), pytest.raises(SystemExit, match="^error: none of the 3 image files under '.*bad' "
+                                                                     "could be read$"):
+        pretrain.main(pretrain_args(bad, tmp_path / 'run'))
+
+
+def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
+    """Freeze rank 1 (SIGSTOP) while training: rank 0's next collective times out after --dist-timeout and the run
+    ends with one line instead of hanging."""
+    import signal
+    import time
+    write_images(tmp_path / 'data', 8)
+    args = ['--model', 'vit_small', '--img-size', '32', '--mask-patch-size', '16', '--embed-dim', '12',
+            '--depths', '1', '--num-heads', '2', '--data-path', str(tmp_path / 'data'), '--batch-size', '1',
+            '--num-workers', '0', '--epochs', '50', '--warmup-epochs', '0', '--output', str(tmp_path / 'run'),
+            '--print-freq', '1', '--amp', 'off', '--dist-timeout', '0.1']
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             os.path.join(HERE, 'pretrain.py'), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(tmp_path / 'run' / 'log.jsonl') and time.time() < deadline:
+            time.sleep(0.5)
+        def is_rank1(pid):
+            try:
+                with open(f'/proc/{pid}/cmdline', 'rb') as c, open(f'/proc/{pid}/environ', 'rb') as e:
+                    return str(tmp_path).encode() in c.read() and b'\0RANK=1\0' in b'\0' + e.read()
+            except OSError:
+                return False
+        rank1 = [int(p) for p in os.listdir('/proc') if p.isdigit() and p != str(proc.pid) and is_rank1(p)]
+        assert rank1, 'rank 1 not found'
+        os.kill(rank1[0], signal.SIGSTOP)
+        start = time.time()
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and time.time() - start < 60
+        assert 'error: rank 0: another process of this run died or stopped responding' in out
+    finally:
+        for pid in (rank1 if 'rank1' in locals() else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
