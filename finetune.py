@@ -9,7 +9,6 @@ images, layer decay 0.9, drop path 0.1, RandAugment, random erasing, mixup/cutmi
 machinery (distributed setup, optimizer, AMP step, schedules, checkpoints, logging) is pretrain.py's.
 """
 import argparse
-import datetime
 import os
 import time
 
@@ -22,10 +21,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import data
 import models
-from pretrain import (ARCH, HelpFormatter, Run, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides,
-                      autocast, build_optimizer, build_scheduler, claim_output, find_resume, inherit, load_checkpoint,
-                      load_model_state, resume_position, save_atomic, save_checkpoint, scale_lrs, train_one_epoch,
-                      write_provenance)
+from pretrain import (ARCH, HelpFormatter, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides,
+                      autocast, build_optimizer, build_scheduler, claim_output, find_resume, inherit, launch,
+                      load_checkpoint, load_model_state, resume_position, save_atomic, save_checkpoint, scale_lrs,
+                      train_one_epoch, write_provenance)
 
 # The official layer decay per model family (Swin-B 100-epoch pretraining: 0.9; 800 epochs: 0.8)
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
@@ -255,13 +254,7 @@ def setup(args, run, source, resuming):
 
 
 def main(args):
-    run = Run(args)
-    try:
-        start(args, run)
-    except RuntimeError as e:
-        run.fail_on_lost_peer(e)
-    finally:
-        run.close()
+    launch(start, args)
 
 
 def start(args, run):

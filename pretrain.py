@@ -217,6 +217,17 @@ class Run:
             dist.destroy_process_group()
 
 
+def launch(body, args):
+    """body(args, run) in a Run that is always closed; a lost rank ends in one line."""
+    run = Run(args)
+    try:
+        body(args, run)
+    except RuntimeError as e:
+        run.fail_on_lost_peer(e)
+    finally:
+        run.close()
+
+
 def autocast(amp, device):
     """--amp resolved for the device (bf16 where native, else fp16 on GPU, off on CPU) and its autocast context."""
     if amp is None and device.type == 'cuda':
@@ -548,13 +559,7 @@ def setup(args, run):
 
 
 def main(args):
-    run = Run(args)
-    try:
-        pretrain(args, run)
-    except RuntimeError as e:
-        run.fail_on_lost_peer(e)
-    finally:
-        run.close()
+    launch(pretrain, args)
 
 
 def pretrain(args, run):

@@ -720,7 +720,7 @@ def test_pickled_checkpoints_need_the_explicit_opt_in(tmp_path):
 def test_export_from_any_layout_loads_in_timm(tmp_path, capsys):
     """finetune.py --export with nothing but a Hugging Face folder: the architecture is read off the weights, the
     tables are resized to window 7, and timm.create_model loads the file strictly."""
-    import timm
+    import timm  # noqa: F401 (the printed command uses it)
     finetune.main(finetune.get_args_parser().parse_args([
         '--pretrained', os.path.join(FIXTURES, 'hf_simmim_swin'), '--export', str(tmp_path / 'encoder.pth')]))
     command = capsys.readouterr().out.split('in timm: ')[1].strip()
