@@ -286,6 +286,7 @@ def start(args, run):
             run.print(f"wrote {args.export}; in timm: {timm_command(args)}")
         return
     model.to(run.device)
+    models.use_fused_attention(model, run.device.type == 'cuda')
     amp, amp_context = autocast(args.amp, run.device)
 
     if args.predict:

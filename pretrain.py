@@ -581,6 +581,7 @@ def pretrain(args, run):
         raise SystemExit(f"error: {e}")
     steps_per_epoch = args.steps_per_epoch
     model.to(run.device)
+    models.use_fused_attention(model, run.device.type == 'cuda')
     model_ddp = run.wrap(model)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)

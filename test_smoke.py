@@ -868,3 +868,27 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
             except ProcessLookupError:
                 pass
         proc.kill()
+
+
+def test_attention_with_and_without_sdpa_agree():
+    for name in ('swin_tiny', 'swinv2_tiny', 'vit_small'):
+        model = tiny_simmim(name).eval()
+        size = model.encoder.patch_embed.img_size[0]
+        x, mask = torch.randn(2, 3, size, size), random_mask(model, 2, size)
+        with torch.no_grad():
+            fused = model.encoder(x, mask)
+            models.use_fused_attention(model, False)
+            torch.testing.assert_close(model.encoder(x, mask), fused, atol=1e-5, rtol=1e-5)
+        assert not any(isinstance(m, models.FusedWindowAttentionV2) or getattr(m, 'fused_attn', False)
+                       for m in model.modules())
+
+
+def test_benchmark_script_runs(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, 'benchmark.py'), *a], capture_output=True,
+                                    text=True, timeout=300)
+    steps = run('--model', 'swin_tiny', '--img-size', '64', '--batch-size', '2', '--steps', '1', '--warmup', '0',
+                '--amp', 'off')
+    assert steps.returncode == 0, steps.stderr[-2000:]
+    assert re.search(r'\| ours \| off \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \| - \| - \|', steps.stdout)
+    pipeline = run('--data', '--images', '48', '--num-workers', '0', '--img-size', '64')
+    assert pipeline.returncode == 0 and re.search(r'data pipeline: [1-9]\d* images/s with 0 workers', pipeline.stdout)
