@@ -407,7 +407,8 @@ def _from_huggingface(state):
         out[k] = v
     for k in [k for k in out if '.attn.query.' in k]:
         base, kind = k.split('.attn.query.')
-        out[f'{base}.attn.qkv.{kind}'] = torch.cat([out.pop(f'{base}.attn.{n}.{kind}') for n in ('query', 'key', 'value')])
+        out[f'{base}.attn.qkv.{kind}'] = torch.cat([out.pop(f'{base}.attn.{n}.{kind}')
+                                                    for n in ('query', 'key', 'value')])
     return _shift_downsample(out)
 
 
@@ -442,7 +443,8 @@ def infer_arch(state):
     if head is not None:
         arch['num_classes'] = head.shape[0]
     if any(k.startswith('blocks.') for k in state):
-        table = state.get('rel_pos_bias.relative_position_bias_table', state.get('blocks.0.attn.relative_position_bias_table'))
+        table = state.get('rel_pos_bias.relative_position_bias_table',
+                          state.get('blocks.0.attn.relative_position_bias_table'))
         grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
         arch.update(family=VIT, depths=(1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),),
                     num_heads=(table.shape[1],), img_size=grid * arch['patch_size'])
@@ -455,7 +457,8 @@ def infer_arch(state):
                       .shape[0 if v2 else 1] for i in range(stages))
         arch.update(family=SWINV2 if v2 else SWIN, depths=depths, num_heads=heads)
         if not v2:
-            arch['window_size'] = (math.isqrt(state['layers.0.blocks.0.attn.relative_position_bias_table'].shape[0]) + 1) // 2
+            rows = state['layers.0.blocks.0.attn.relative_position_bias_table'].shape[0]
+            arch['window_size'] = (math.isqrt(rows) + 1) // 2
     family = arch.pop('family')
     same = [n for n, c in MODELS.items() if c['family'] == family and c['embed_dim'] == arch['embed_dim']
             and c.get('depths', (c.get('depth'),)) == arch['depths']]
@@ -464,8 +467,9 @@ def infer_arch(state):
 
 
 def load_pretrained(model, checkpoint):
-    """Load a checkpoint of any supported layout (see to_timm_layout) into a classifier or a SimMIM model. Drops the decoder and the mask token, resizes relative position tables to the model's
-    window / grid, copies ViT's shared table into every block. Refuses a checkpoint of another architecture.
+    """Load a checkpoint of any supported layout (see to_timm_layout) into a classifier or a SimMIM model. Into a
+    classifier: drops the decoder and the mask token (a SimMIM model keeps them). Resizes relative position tables to
+    the model's window / grid, copies ViT's shared table into every block, refuses another architecture.
     -> report {'loaded', 'resized', 'missing', 'dropped'} (lists of key names)."""
     state, _ = to_timm_layout(checkpoint)
     target = model.state_dict()
