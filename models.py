@@ -1,7 +1,8 @@
 """SimMIM models: Swin / SwinV2 / ViT encoders with a mask token, the SimMIM wrapper and the model builders.
 
 The encoders are timm's backbones; we only add what SimMIM needs: a learned mask token that replaces the embeddings
-of masked patches right after the patch embedding, an output reshaped to a feature map, and fused attention.
+of masked patches right after the patch embedding, an output reshaped to a feature map, and fused attention (which
+the scripts use on GPUs).
 
     model = build_simmim('swin_base')              # 192px, window 6: the paper's Swin-B
     loss = model(images, mask)                     # images (B, 3, 192, 192), mask (B, 48, 48) with 1 = masked
