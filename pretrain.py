@@ -169,10 +169,11 @@ class Run:
         self.sigterm = True
 
     def stop_requested(self):
-        """Whether any rank got SIGTERM (all ranks must stop after the same step)."""
+        """Whether any rank got SIGTERM (all ranks must stop after the same step). One process: no device sync."""
+        if not self.distributed:
+            return self.sigterm
         flag = torch.tensor(float(self.sigterm), device=self.device)
-        if self.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def print(self, *msg):
