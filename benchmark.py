@@ -23,9 +23,11 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import models
+import pretrain
 from pretrain import autocast
 
 
@@ -42,11 +44,13 @@ def get_args_parser():
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--rounds', type=int, default=1, help='repeat every measurement, alternating implementations')
     p.add_argument('--official', default=None, metavar='PATH', help='a microsoft/SimMIM checkout to compare with')
+    p.add_argument('--impls', nargs='+', choices=['ours', 'official', 'ours-model'],
+                   help='default: ours, and official with --official; ours-model = our model in the official step')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--data', action='store_true', help='benchmark the data pipeline instead')
     p.add_argument('--num-workers', type=int, default=2, help='data pipeline: loader processes')
     p.add_argument('--images', type=int, default=256, help='data pipeline: generated ImageNet-size JPEGs')
-    p.add_argument('--impl', default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
+    p.add_argument('--child', nargs=2, help=argparse.SUPPRESS)  # one measurement (impl, amp), in a child process
     return p
 
 
@@ -75,34 +79,62 @@ def official_simmim(path, name, img_size):
     return simmim.SimMIM(encoder, 32)
 
 
+def training_step(args, impl, amp, device):
+    """-> a function running one training step of impl on fixed random images and SimMIM masks.
+
+    ours: pretrain.py's Trainer.step on our model (fused AdamW, clipping, non-finite steps skipped on the device).
+    official: microsoft/SimMIM's model in main_simmim.py's step: AdamW as its build_optimizer makes it (torch's default
+    implementation), clip_grad_norm_(5.0), loss.item(); native autocast + GradScaler stand in for its apex amp.
+    ours-model: our model in that official step, which separates what the model code gives from what the step gives.
+    """
+    torch.manual_seed(0)
+    official_model = impl == 'official'
+    model = official_simmim(args.official, args.model, args.img_size) if official_model \
+        else models.build_simmim(args.model, args.img_size)
+    model.to(device).train()
+    if not official_model:
+        models.use_fused_attention(model, device.type == 'cuda' if args.fused == 'auto' else args.fused == 'on')
+    step_model = torch.compile(model) if args.compile and not official_model else model
+    size = model.encoder.patch_embed.img_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    patch = model.encoder.patch_embed.patch_size
+    masks = data.MaskGenerator(size, 32, patch[0] if isinstance(patch, (tuple, list)) else patch, 0.6)
+    x = torch.randn(args.batch_size, 3, size, size, device=device)
+    mask = torch.stack([masks() for _ in range(args.batch_size)]).to(device)
+
+    if impl == 'ours':
+        targs = pretrain.get_args_parser().parse_args(['--amp', amp])
+        targs.lr, targs.warmup_lr_scaled, targs.min_lr_scaled = 1e-4, 1e-7, 1e-6
+        optimizer = pretrain.build_optimizer(model, targs)
+        run = type('run', (), dict(device=device, distributed=False))()
+        trainer = pretrain.Trainer(step_model, optimizer, pretrain.build_scheduler(optimizer, targs, 1000), targs, run)
+        return lambda i: trainer.step(i, [(x, mask)], lambda batch: step_model(*batch))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    _, amp_context = autocast(amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+
+    def official_step(i):
+        with amp_context:
+            loss = step_model(x, mask)
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        scaler.step(optimizer)
+        scaler.update()
+        loss.item()
+    return official_step
+
+
 def measure_step(args, impl, amp):
     """-> one result dict: median step time, images/s and peak memory of this process."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    torch.manual_seed(0)
-    model = models.build_simmim(args.model, args.img_size) if impl == 'ours' \
-        else official_simmim(args.official, args.model, args.img_size)
-    model.to(device).train()
-    if impl == 'ours':
-        models.use_fused_attention(model, device.type == 'cuda' if args.fused == 'auto' else args.fused == 'on')
-    size = model.encoder.patch_embed.img_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    patch = 4 if models.MODELS[args.model]['family'] != models.VIT else 16
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
-    step_model = torch.compile(model) if args.compile and impl == 'ours' else model
-    _, amp_context = autocast(amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-    x = torch.randn(args.batch_size, 3, size, size, device=device)
-    masks = data.MaskGenerator(size, 32, patch, 0.6)
-    mask = torch.stack([masks() for _ in range(args.batch_size)]).to(device)
+    step = training_step(args, impl, amp, device)
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        with amp_context:
-            loss = step_model(x, mask)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        step(i)
         if device.type == 'cuda':
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -113,23 +145,55 @@ def measure_step(args, impl, amp):
                 device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu')
 
 
+def flops_per_image(args):
+    """Forward and backward FLOPs of one image through our model, as torch's FlopCounterMode counts them."""
+    model = models.build_simmim(args.model, args.img_size)
+    models.use_fused_attention(model, False)
+    size = model.encoder.patch_embed.img_size[0]
+    patch = model.encoder.patch_embed.patch_size[0]
+    mask = data.MaskGenerator(size, 32, patch, 0.6)()[None]
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size), mask).backward()
+    return counter.get_total_flops()
+
+
+def bf16_matmul_peak(n=8192, repeats=50):
+    """The measured bf16 matrix-product rate of this GPU, FLOP/s."""
+    a, b = (torch.randn(n, n, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+
 def benchmark_steps(args):
-    impls = ['ours'] + (['official'] if args.official else [])
+    impls = args.impls or ['ours'] + (['official'] if args.official else [])
+    if any(i != 'ours' for i in impls) and not args.official:
+        raise SystemExit("error: the official step needs --official PATH, a checkout of microsoft/SimMIM")
     results = []
     for _ in range(args.rounds):
         for amp in args.amp:
             for impl in impls:
-                child = [sys.executable, os.path.abspath(__file__), '--impl', impl, '--amp', amp] + \
-                    [a for a in sys.argv[1:] if a not in args.amp and a != '--amp' and a != '--impl']
+                child = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--child', impl, amp]
                 out = subprocess.run(child, capture_output=True, text=True)
                 if out.returncode:
                     raise SystemExit(out.stderr[-2000:])
                 results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cuda = results[0]['device'] != 'cpu'
+    flops = flops_per_image(args)
+    peak = bf16_matmul_peak() if cuda else None
     print(f"{args.model}, {args.img_size or 'default'} px, batch {args.batch_size}, training step (forward, backward, "
-          f"AdamW), median of {args.steps} after {args.warmup} warm-up, {args.rounds} round(s), {results[0]['device']}"
-          + (', torch.compile' if args.compile else '') + f', our fused attention: {args.fused}')
-    print('| implementation | amp | step s | images/s | peak GB | vs official fp32 | vs official, same amp |')
-    print('| --- | --- | ---: | ---: | ---: | ---: | ---: |')
+          f"optimizer), median of {args.steps} after {args.warmup} warm-up, {args.rounds} round(s), "
+          f"{results[0]['device']}" + (', torch.compile' if args.compile else '') +
+          f", our fused attention: {args.fused}; {flops / 1e9:.2f} GFLOPs per image (forward + backward, counted)" +
+          (f"; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s" if cuda else ''))
+    print('| implementation | amp | step s | images/s | peak GB | vs official fp32 | vs official, same amp |'
+          + (' MFU |' if cuda else ''))
+    print('| --- | --- | ---: | ---: | ---: | ---: | ---: |' + (' ---: |' if cuda else ''))
     summary = {}
     for r in results:
         summary.setdefault((r['impl'], r['amp']), []).append(r)
@@ -139,7 +203,7 @@ def benchmark_steps(args):
         same = summary.get(('official', amp))
         ratio = lambda ref: f"{statistics.median(r['seconds'] for r in ref) / s:.2f}x" if ref else '-'
         print(f"| {impl} | {amp} | {s:.3f} | {args.batch_size / s:.2f} | {max(r['peak_gb'] for r in rs):.2f} | "
-              f"{ratio(base)} | {ratio(same)} |")
+              f"{ratio(base)} | {ratio(same)} |" + (f" {args.batch_size / s * flops / peak:.1%} |" if cuda else ''))
 
 
 def benchmark_data(args):
@@ -167,8 +231,8 @@ def benchmark_data(args):
 
 if __name__ == '__main__':
     args = get_args_parser().parse_args()
-    if args.impl:
-        print(json.dumps(measure_step(args, args.impl, args.amp[0])))
+    if args.child:
+        print(json.dumps(measure_step(args, *args.child)))
     elif args.data:
         benchmark_data(args)
     else:

@@ -336,8 +336,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
 
     start_epoch, start_step, best = 0, 0, 0.
     if resume_state:
-        optimizer.load_state_dict(resume_state['optimizer'])
-        trainer.load_state_dict(resume_state['trainer'])
+        trainer.load_state_dict(resume_state)
         (start_epoch, start_step), best = resume_position(resume_state, steps_per_epoch), resume_state['max_accuracy']
         run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
     write_provenance(run, args)
@@ -350,7 +349,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         return criterion(model_ddp(images), targets)
 
     def state_fn(epoch, step):
-        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
+        return dict(model=model.state_dict(), **trainer.state_dict(),
                     epoch=epoch, step=step, args=vars(args), max_accuracy=best)
 
     for epoch in range(start_epoch, args.epochs):
@@ -366,7 +365,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         keep = [f'ckpt_epoch_{epoch}.pth'] if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs else []
         save_checkpoint(run, dict(state_fn(epoch, steps_per_epoch), acc1=stats['acc1']),
                         keep + (['best.pth'] if is_best else []))
-        if run.sigterm:
+        if run.stopping:
             run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
             return
     run.print(f"done: best top-1 {best:.2f}%; checkpoints (best.pth) and log.jsonl are in {args.output}")

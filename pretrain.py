@@ -163,18 +163,33 @@ class Run:
         self.main = self.rank == 0
         self.output = args.output
         self.sigterm = False  # schedulers send SIGTERM before preemption: save and stop after the current step
+        self.stopping = False  # what stop_requested() last said, the same on every rank
+        self.pending_stop = None
         self.previous_handler = signal.signal(signal.SIGTERM, self.on_sigterm)
 
     def on_sigterm(self, *_):
         self.sigterm = True
 
     def stop_requested(self):
-        """Whether any rank got SIGTERM (all ranks must stop after the same step). One process: no device sync."""
+        """Whether any rank got SIGTERM; all ranks stop after the same step. Distributed, each step's flag is reduced
+        without waiting and read one step later, when the device is done with it: the check never stalls the GPU."""
         if not self.distributed:
-            return self.sigterm
+            self.stopping = self.sigterm
+            return self.stopping
         flag = torch.tensor(float(self.sigterm), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: only the stream waits
+        ready = None
+        if self.device.type == 'cuda':
+            flag = flag.to('cpu', non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        previous, self.pending_stop = self.pending_stop, (flag, ready)
+        if previous is not None:
+            flag, ready = previous
+            if ready is not None:
+                ready.synchronize()
+            self.stopping = bool(flag)
+        return self.stopping
 
     def print(self, *msg):
         if self.main:
@@ -253,7 +268,8 @@ def build_optimizer(model, args, lr_scales=None):
         group = groups.setdefault((no_decay, scale), dict(params=[], weight_decay=0. if no_decay else args.weight_decay,
                                                           lr_scale=scale))
         group['params'].append(p)
-    return torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    # fused: one kernel per step for the whole update, and it can skip a step on the device (Trainer.step)
+    return torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def build_scheduler(optimizer, args, steps_per_epoch):
@@ -290,15 +306,14 @@ def scale_lrs(args, run, loader):
 
 class Trainer:
     """The training step: autocast, accumulation without gradient all-reduce on micro-steps, unscale, clip, skip and
-    count non-finite steps, lr per step."""
+    count non-finite steps, lr per step. Nothing in it waits for the device."""
 
     def __init__(self, model, optimizer, scheduler, args, run):
         self.model, self.optimizer, self.scheduler, self.args, self.run = model, optimizer, scheduler, args, run
         self.amp, self.autocast = autocast(args.amp, run.device)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.amp == 'fp16')
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.nonfinite_run = 0  # consecutive skipped steps
-        self.nonfinite_total = 0
+        self.nonfinite = torch.zeros(3, device=run.device)  # skipped steps: current run, longest run, total
 
     def step(self, step, micro_batches, loss_fn):
         """One optimizer step over micro_batches; loss_fn(batch) -> scalar loss. -> (mean loss, grad norm) tensors."""
@@ -314,26 +329,38 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad or math.inf)
-        if torch.isfinite(grad_norm):  # identical on all ranks: gradients are all-reduced
-            self.scaler.step(self.optimizer)
-            self.nonfinite_run = 0
-        else:
-            self.nonfinite_run += 1
-            self.nonfinite_total += 1
-            if self.nonfinite_run >= self.args.max_nonfinite:
-                raise SystemExit(f"error: {self.nonfinite_run} consecutive steps with a non-finite loss or gradient "
-                                 f"(last at step {step}): training diverged; lower --base-lr, keep --clip-grad, or "
-                                 f"use --amp bf16/off; resume from the last checkpoint")
-        self.scaler.update()
+        bad = (~torch.isfinite(grad_norm)).float()  # identical on all ranks: gradients are all-reduced
+        # The fused optimizer skips the update on the device when found_inf is 1 (the protocol GradScaler uses), so
+        # no step waits for this check; check_nonfinite() reads the counts when logging.
+        self.optimizer.found_inf = bad
+        self.optimizer.step()
+        del self.optimizer.found_inf
+        self.scaler.update()  # fp16: lower the loss scale after an overflow (found by unscale_)
+        streak = (self.nonfinite[0] + bad) * bad
+        self.nonfinite = torch.stack((streak, torch.maximum(self.nonfinite[1], streak), self.nonfinite[2] + bad))
         self.optimizer.zero_grad(set_to_none=True)
         return total / accum, grad_norm
 
-    def state_dict(self):
-        return dict(scaler=self.scaler.state_dict(), nonfinite_total=self.nonfinite_total)
+    def check_nonfinite(self, step):
+        """-> the number of skipped non-finite steps; stops the run after --max-nonfinite of them in a row."""
+        _, longest, total = (int(v) for v in self.nonfinite.tolist())
+        if longest >= self.args.max_nonfinite:
+            raise SystemExit(f"error: {longest} consecutive steps with a non-finite loss or gradient (seen by step "
+                             f"{step}): training diverged; lower --base-lr, keep --clip-grad, or use --amp bf16/off; "
+                             f"resume from the last checkpoint")
+        return total
 
-    def load_state_dict(self, state):
-        self.scaler.load_state_dict(state['scaler'])
-        self.nonfinite_total = state['nonfinite_total']
+    def state_dict(self):
+        """The checkpoint's 'optimizer' and 'trainer' entries."""
+        return dict(optimizer=self.optimizer.state_dict(),
+                    trainer=dict(scaler=self.scaler.state_dict(), nonfinite_total=int(self.nonfinite[2])))
+
+    def load_state_dict(self, checkpoint):
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        for group in self.optimizer.param_groups:  # checkpoints of earlier versions saved a non-fused AdamW
+            group.update(fused=True, foreach=None)
+        self.scaler.load_state_dict(checkpoint['trainer']['scaler'])
+        self.nonfinite[2] = checkpoint['trainer']['nonfinite_total']
 
 
 def save_atomic(write, path):
@@ -482,19 +509,20 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run,
         if (it + 1) % args.print_freq == 0 or it + 1 == steps_per_epoch:
             elapsed = time.time() - window['start']
             loss_avg, skipped_files = run.mean(window['loss'].item() / window['steps'], window['skipped_files'])
+            nonfinite = trainer.check_nonfinite(step + 1)
             images_per_s = window['steps'] * args.effective_batch / elapsed
             remaining = (args.epochs - epoch) * steps_per_epoch - it - 1
             lr = max(group['lr'] for group in trainer.optimizer.param_groups)  # the layers without lr decay
             record = dict(epoch=epoch, step=step + 1, loss=loss_avg, lr=lr,
                           grad_norm=float(grad_norm), images_per_s=images_per_s,
                           data_s=window['data'] / window['steps'], peak_mem_gb=peak_memory_gb(run.device),
-                          skipped_files=int(skipped_files * run.world_size), nonfinite_steps=trainer.nonfinite_total)
+                          skipped_files=int(skipped_files * run.world_size), nonfinite_steps=nonfinite)
             run.print(f"epoch {epoch}/{args.epochs} step {it + 1}/{steps_per_epoch} loss {loss_avg:.4f} "
                       f"lr {record['lr']:.3g} grad {record['grad_norm']:.3f} {images_per_s:.1f} img/s "
                       f"data {record['data_s']:.3f}s mem {record['peak_mem_gb']:.2f}GB "
                       f"eta {datetime.timedelta(seconds=int(remaining * elapsed / window['steps']))}"
                       + (f" skipped files {record['skipped_files']}" if record['skipped_files'] else '')
-                      + (f" non-finite steps {trainer.nonfinite_total}" if trainer.nonfinite_total else ''))
+                      + (f" non-finite steps {nonfinite}" if nonfinite else ''))
             run.log(record)
             window.update(loss=torch.zeros((), device=run.device), steps=0, data=0., start=time.time(),
                           skipped_files=0)
@@ -596,8 +624,7 @@ def pretrain(args, run):
     if resume:
         ckpt = load_checkpoint(resume, args.allow_pickle)
         load_model_state(model, ckpt['model'], resume)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        trainer.load_state_dict(ckpt['trainer'])
+        trainer.load_state_dict(ckpt)
         start_epoch, start_step = resume_position(ckpt, steps_per_epoch)
         run.print(f"resumed from {resume} at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
     write_provenance(run, args)
@@ -611,8 +638,7 @@ def pretrain(args, run):
         return model_ddp(images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True))
 
     def state_fn(epoch, step):
-        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), trainer=trainer.state_dict(),
-                    epoch=epoch, step=step, args=vars(args))
+        return dict(model=model.state_dict(), **trainer.state_dict(), epoch=epoch, step=step, args=vars(args))
 
     for epoch in range(start_epoch, args.epochs):
         if train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run, state_fn,
@@ -624,7 +650,7 @@ def pretrain(args, run):
         if keep and run.main:
             name = 'reconstruction_end.png' if last else f'reconstruction_epoch_{epoch}.png'
             save_reconstructions(model, *pictures, normalize, os.path.join(args.output, name))
-        if run.sigterm:
+        if run.stopping:
             run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
             return
     run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in {args.output}")

@@ -413,6 +413,68 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     assert [r['nonfinite_steps'] for r in log if 'step' in r][:4] == [0, 1, 1, 2]
 
 
+@pytest.mark.parametrize('amp', ['off', 'bf16', 'fp16'])
+def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    args = pretrain.get_args_parser().parse_args(['--amp', amp, '--max-nonfinite', '2'])
+    args.lr = 1e-2
+    run = type('run', (), {'device': torch.device('cpu'), 'distributed': False})()
+    scheduler = type('scheduler', (), {'step_update': lambda self, step: None})()
+    trainer = pretrain.Trainer(model, pretrain.build_optimizer(model, args), scheduler, args, run)
+    x = torch.randn(16, 4)
+    scale = lambda factor: (lambda batch: model(batch).float().square().mean() * factor)
+    snapshot = lambda: copy.deepcopy((model.state_dict(), trainer.optimizer.state_dict()['state']))
+
+    trainer.step(0, [x], scale(1.))
+    before = snapshot()
+    _, grad_norm = trainer.step(1, [x], scale(float('nan')))
+    assert not torch.isfinite(grad_norm)
+    after = snapshot()
+    for a, b in zip(before[0].values(), after[0].values()):
+        assert torch.equal(a, b)
+    for i in before[1]:
+        for key in before[1][i]:
+            assert torch.equal(before[1][i][key], after[1][i][key]), key  # moments and step count
+    assert trainer.check_nonfinite(1) == 1
+    trainer.step(2, [x], scale(1.))
+    assert not torch.equal(model[0].weight, before[0]['0.weight'])  # a finite step updates again
+    assert trainer.optimizer.state_dict()['state'][0]['step'] == 2
+    trainer.step(3, [x], scale(float('inf')))
+    trainer.step(4, [x], scale(float('nan')))
+    with pytest.raises(SystemExit, match='2 consecutive steps with a non-finite'):
+        trainer.check_nonfinite(4)
+    state = trainer.state_dict()
+    assert state['trainer']['nonfinite_total'] == 3
+    for group in state['optimizer']['param_groups']:
+        group['fused'] = None  # a checkpoint of an earlier version, saved from a non-fused AdamW
+    trainer = pretrain.Trainer(model, pretrain.build_optimizer(model, args), scheduler, args, run)
+    trainer.load_state_dict(state)  # as a resume does
+    trainer.step(5, [x], scale(float('nan')))
+    assert trainer.check_nonfinite(5) == 4
+
+
+def stop_agreement_worker(rank, port, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    run = pretrain.Run(pretrain.get_args_parser().parse_args(['--device', 'cpu', '--output', '.']))
+    try:
+        for step in range(10):
+            run.sigterm = run.sigterm or (rank == 1 and step == 3)  # only rank 1 is signalled, during step 3
+            if run.stop_requested():
+                break
+        results[rank] = step
+    finally:
+        run.close()
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step():
+    port = 29500 + os.getpid() % 1000
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(stop_agreement_worker, args=(port, results), nprocs=2)
+    assert dict(results) == {0: 4, 1: 4}  # read one step later, so that the check never waits for the device
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path):
     write_images(tmp_path / 'data', 8)
     args = ['--model', 'vit_small', '--img-size', '32', '--mask-patch-size', '16', '--embed-dim', '12',
