@@ -87,6 +87,8 @@ def training_step(args, impl, amp, device):
     implementation), clip_grad_norm_(5.0), loss.item(); native autocast + GradScaler stand in for its apex amp.
     ours-model: our model in that official step, which separates what the model code gives from what the step gives.
     """
+    if impl == 'ours':
+        pretrain.flush_denormals()  # as the scripts do; the official step runs as main_simmim.py does, without
     torch.manual_seed(0)
     official_model = impl == 'official'
     model = official_simmim(args.official, args.model, args.img_size) if official_model \

@@ -233,8 +233,16 @@ class Run:
             dist.destroy_process_group()
 
 
+def flush_denormals():
+    """Flush float32 denormals (below 1.2e-38) to zero on the CPU. Swin's shifted-window mask (-100) makes softmax
+    probabilities of about 4e-44, which slow CPU matrix products about tenfold (the fp32 step: bmm 0.36 s -> 0.11 s).
+    The flag is per thread and the compute threads copy it when they start: call it before any parallel CPU op."""
+    torch.set_flush_denormal(True)
+
+
 def launch(body, args):
     """body(args, run) in a Run that is always closed; a lost rank ends in one line."""
+    flush_denormals()
     run = Run(args)
     try:
         body(args, run)
