@@ -210,7 +210,15 @@ def benchmark_steps(args):
 
 def benchmark_data(args):
     """Decoded, augmented and masked images/s through the real loader, on generated ImageNet-size JPEGs."""
-    folder = tempfile.mkdtemp(prefix='simmim_data_')
+    with tempfile.TemporaryDirectory(prefix='simmim_data_') as folder:
+        rate = data_rate(args, folder)
+    print(f"data pipeline: {rate:.0f} images/s with {args.num_workers} workers ({rate / max(args.num_workers, 1):.0f} "
+          f"per worker): JPEG decode, RandomResizedCrop to {args.img_size or 192}px, flip, normalise, mask; "
+          f"{args.images} images of 500x375")
+
+
+def data_rate(args, folder):
+    """The real loader's images/s over --images JPEGs generated in folder (after its workers have started)."""
     rng = np.random.default_rng(0)
     for i in range(args.images):
         w, h = (500, 375) if i % 2 else (375, 500)
@@ -225,10 +233,7 @@ def benchmark_data(args):
     start, count = time.perf_counter(), 0
     for (images, _), _, _ in batches:
         count += len(images)
-    rate = count / (time.perf_counter() - start)
-    print(f"data pipeline: {rate:.0f} images/s with {args.num_workers} workers ({rate / max(args.num_workers, 1):.0f} "
-          f"per worker): JPEG decode, RandomResizedCrop to {size}px, flip, normalise, mask; {args.images} images of "
-          f"500x375")
+    return count / (time.perf_counter() - start)
 
 
 if __name__ == '__main__':

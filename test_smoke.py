@@ -251,6 +251,16 @@ def test_load_image_converts_every_mode(tmp_path):
     assert np.allclose(transparent, rgb.astype(float) * 128 / 255 + 255 * 127 / 255, atol=1.5)
 
 
+def test_normalised_tensor_equals_torchvision_totensor_and_normalize():
+    import torchvision.transforms as T
+    rgb = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    for img, chans in ((Image.fromarray(rgb), 3), (Image.fromarray(rgb[..., 0]), 1)):
+        ours = data.normalization(chans)
+        reference = T.Normalize(ours.mean, ours.std)(T.ToTensor()(img))
+        assert ours(img).dtype == torch.float32 and ours(img).shape == (chans, 9, 7)
+        assert torch.allclose(ours(img), reference, atol=1e-6)
+
+
 def test_exif_rotation_is_applied(tmp_path):
     img = Image.fromarray(np.zeros((10, 40, 3), np.uint8))
     exif = Image.Exif()
