@@ -2,6 +2,7 @@
 import itertools
 import math
 import os
+import random
 import warnings
 
 import numpy as np
@@ -146,7 +147,8 @@ class ImageDataset(Dataset):
 
     A file that cannot be read is skipped with a warning naming it, and the next one is used instead; `skipped` counts
     such files so that the training log can report them. An index may come as (index, seed) from SeededSampler: the
-    transform then runs under that seed, so augmentations and masks do not depend on workers or restarts.
+    transform then runs under that seed (torch's and Python's generators), so augmentations and masks do not depend
+    on workers or restarts.
     """
 
     def __init__(self, root, transform, in_chans=3, classes=None):
@@ -154,38 +156,56 @@ class ImageDataset(Dataset):
             raise ValueError(f"image files give 1 (grayscale) or 3 (RGB) channels, not {in_chans}; for other data "
                              f"(e.g. multispectral) use a Dataset that returns ({in_chans}, H, W) tensors")
         self.root = root
-        self.samples, self.classes = find_images(root)
+        samples, self.classes = find_images(root)
         if classes is not None:  # e.g. val/ labelled with train/'s class indices
             unknown = sorted(set(self.classes) - set(classes))
             if unknown:
                 raise ValueError(f"'{root}' has class folders that the training set lacks: {', '.join(unknown[:5])}")
             index = {c: i for i, c in enumerate(classes)}
-            self.samples = [(p, index[self.classes[label]]) for p, label in self.samples]
+            samples = [(p, index[self.classes[label]]) for p, label in samples]
             self.classes = list(classes)
+        # Paths in one byte array, not a list of str: loader workers touching a list's reference counts would each
+        # end up with a private copy of it (hundreds of MB per worker at ImageNet scale).
+        paths = [os.fsencode(p) for p, _ in samples]
+        self.paths = np.frombuffer(b''.join(paths), dtype=np.uint8)
+        self.ends = np.cumsum([len(p) for p in paths])
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.transform = transform
         self.in_chans = in_chans
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.labels)
+
+    def sample(self, index):
+        """-> (path, label) of image index."""
+        start = self.ends[index - 1] if index else 0
+        return os.fsdecode(self.paths[start:self.ends[index]].tobytes()), int(self.labels[index])
 
     def load(self, index):
         """-> (image, label, skipped): the image at index, or the next readable one."""
-        for skipped in range(len(self.samples)):
-            path, label = self.samples[(index + skipped) % len(self.samples)]
+        for skipped in range(len(self)):
+            path, label = self.sample((index + skipped) % len(self))
             try:
                 return load_image(path, self.in_chans), label, skipped
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 warnings.warn(f"skipping unreadable image {path}: {e}")
-        raise ValueError(f"none of the {len(self.samples)} image files under '{self.root}' could be read")
+        raise ValueError(f"none of the {len(self)} image files under '{self.root}' could be read")
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         img, label, skipped = self.load(index)
         if seed is None:
             return self.transform(img), label, skipped
+        # torchvision's transforms and the mask draw from torch's CPU generator, timm's (RandAugment, erasing) from
+        # Python's. torch.manual_seed would also queue GPU seeding and record a stack trace: 0.7 ms per image.
+        python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(img), label, skipped
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.transform(img), label, skipped
+            finally:
+                random.setstate(python_state)
 
 
 class SeededSampler(DistributedSampler):

@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -276,7 +277,7 @@ def test_dataset_reads_folders_recursively_and_skips_bad_files(tmp_path):
     (tmp_path / 'a' / 'notes.txt').write_text('ignored')
     ds = data.ImageDataset(str(tmp_path), data.eval_transform(32, data.normalization(3)))
     assert len(ds) == 6 and ds.classes == ['a', 'b']
-    broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith('broken.jpg')][0]
+    broken = [i for i in range(len(ds)) if ds.sample(i)[0].endswith('broken.jpg')][0]
     with pytest.warns(UserWarning, match='skipping unreadable image .*broken.jpg'):
         img, label, skipped = ds[broken]
     assert img.shape == (3, 32, 32) and skipped == 1 and label == 0
@@ -284,7 +285,7 @@ def test_dataset_reads_folders_recursively_and_skips_bad_files(tmp_path):
         data.ImageDataset(str(tmp_path), None, in_chans=4)
     flat = tmp_path / 'flat'
     write_images(flat, 2)
-    assert data.ImageDataset(str(flat), None).samples[0][1] == -1  # no class folders: no labels
+    assert data.ImageDataset(str(flat), None).sample(1) == (str(flat / 'img1.jpg'), -1)  # no class folders: no labels
 
 
 def test_seeded_samples_do_not_depend_on_the_process(tmp_path):
@@ -297,6 +298,11 @@ def test_seeded_samples_do_not_depend_on_the_process(tmp_path):
     (c, mc), _, _ = ds[(0, 4321)]
     assert torch.equal(a, b) and torch.equal(ma, mb)
     assert not (torch.equal(a, c) and torch.equal(ma, mc))
+    ds = data.ImageDataset(str(tmp_path), data.finetune_transform(32, data.normalization(3)))  # timm: Python's random
+    a, _, _ = ds[(0, 1234)]
+    random.seed(99)
+    b, _, _ = ds[(0, 1234)]
+    assert torch.equal(a, b) and not torch.equal(a, ds[(0, 4321)][0])
 
 
 @pytest.mark.parametrize('make, message', [
