@@ -1,13 +1,16 @@
-"""Benchmarks: the SimMIM training step, side by side with microsoft/SimMIM's model code, and the data pipeline.
+"""Benchmarks: the SimMIM training step, side by side with microsoft/SimMIM's, and the data pipeline.
 
     python benchmark.py --model swin_base --batch-size 8 --amp bf16 off          # our training step, one row per AMP
-    python benchmark.py --official ../SimMIM --amp bf16 off --rounds 2           # ours and the official model, ratios
+    python benchmark.py --official ../SimMIM --amp bf16 off --rounds 3           # ours and the official, ratios
     python benchmark.py --data --num-workers 2                                   # decoded, augmented, masked images/s
 
-A training step is forward, backward and AdamW on random images and SimMIM masks; its time is the median of --steps
-steps after --warmup. Each measurement runs in a fresh process (peak memory is per process), alternating ours and the
-official code round by round, since absolute times on shared machines drift; the ratio of step times is the figure.
---official points at a checkout of microsoft/SimMIM (its models/ folder is imported from there, never copied here).
+A training step is forward, backward and the optimizer on fixed random images and SimMIM masks, as each code base runs
+it: ours is pretrain.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the median
+of --steps steps after --warmup. Each measurement runs in a fresh process (peak memory is per process), alternating
+the implementations round by round, since absolute times on shared machines drift: the ratio of step times is the
+figure. On a GPU the table adds the model FLOPs utilisation: counted FLOPs per image x images/s over the measured bf16
+matrix-product rate. --official points at a checkout of microsoft/SimMIM; its models/ folder is imported from there,
+never copied here.
 """
 import argparse
 import importlib.util
