@@ -94,7 +94,8 @@ class FusedWindowAttentionV2(WindowAttentionV2):
 
 def use_fused_attention(model, enable=True):
     """Turn scaled_dot_product_attention on (or off) in every attention layer; timm leaves it off for Swin. The
-    scripts turn it off on CPUs, where the explicit softmax was faster (swin_base bf16 step: 1.27 s vs 1.72 s)."""
+    scripts turn it off on CPUs, where the explicit softmax was faster (a swin_base stage-1 shifted-window layer,
+    forward + backward in bf16: 0.049 s vs 0.073 s)."""
     for m in model.modules():
         if isinstance(m, WindowAttentionV2):
             m.__class__ = FusedWindowAttentionV2 if enable else WindowAttentionV2
