@@ -91,7 +91,7 @@ def training_step(args, impl, amp, device):
     ours-model: our model in that official step, which separates what the model code gives from what the step gives.
     """
     if impl == 'ours':
-        pretrain.flush_denormals()  # as the scripts do; the official step runs as main_simmim.py does, without
+        pretrain.tune_cpu()  # as the scripts do; the official step runs as main_simmim.py does, without
     torch.manual_seed(0)
     official_model = impl == 'official'
     model = official_simmim(args.official, args.model, args.img_size) if official_model \
@@ -213,6 +213,7 @@ def benchmark_steps(args):
 
 def benchmark_data(args):
     """Decoded, augmented and masked images/s through the real loader, on generated ImageNet-size JPEGs."""
+    pretrain.tune_cpu()  # as the scripts do: the workers inherit it
     with tempfile.TemporaryDirectory(prefix='simmim_data_') as folder:
         rate = data_rate(args, folder)
     print(f"data pipeline: {rate:.0f} images/s with {args.num_workers} workers ({rate / max(args.num_workers, 1):.0f} "
