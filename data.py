@@ -1,4 +1,5 @@
 """SimMIM data: the mask generator, transforms, an image-folder dataset that survives bad files, and the loader."""
+import contextlib
 import itertools
 import math
 import os
@@ -97,10 +98,23 @@ def eval_transform(img_size, normalize, crop_pct=224 / 256):
 def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, scale=0.08,
                        hflip=0.5):
     """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic, area scale-1),
-    flip, RandAugment, normalisation, random erasing (pixel mode, one box)."""
-    return create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
-                            auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
-                            re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std)
+    flip, RandAugment, normalisation, random erasing (pixel mode, one box); posterize works with any Pillow."""
+    transform = create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
+                                 auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
+                                 re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std)
+    for t in transform.transforms:
+        for op in getattr(t, 'ops', []):  # RandAugment's
+            if op.name.startswith('Posterize'):
+                op.aug_fn = posterize
+    return transform
+
+
+def posterize(img, bits_to_keep, **_):
+    """timm's posterize for RandAugment. At the top magnitude it keeps 0 bits: Pillow 13 refuses that, earlier Pillow
+    (the official recipe's) made the image black, as this does."""
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
 
 
 def load_image(path, in_chans=3):
@@ -147,8 +161,7 @@ class ImageDataset(Dataset):
 
     A file that cannot be read is skipped with a warning naming it, and the next one is used instead; `skipped` counts
     such files so that the training log can report them. An index may come as (index, seed) from SeededSampler: the
-    transform then runs under that seed (torch's and Python's generators), so augmentations and masks do not depend
-    on workers or restarts.
+    transform then runs under that seed (see seeded), so augmentations and masks do not depend on workers or restarts.
     """
 
     def __init__(self, root, transform, in_chans=3, classes=None):
@@ -196,16 +209,25 @@ class ImageDataset(Dataset):
         img, label, skipped = self.load(index)
         if seed is None:
             return self.transform(img), label, skipped
-        # torchvision's transforms and the mask draw from torch's CPU generator, timm's (RandAugment, erasing) from
-        # Python's. torch.manual_seed would also queue GPU seeding and record a stack trace: 0.7 ms per image.
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.transform(img), label, skipped
-            finally:
-                random.setstate(python_state)
+        with seeded(seed):
+            return self.transform(img), label, skipped
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Run under seed in the global generators the transforms draw from: torch's CPU one (torchvision, the mask),
+    Python's and numpy's (timm's crop, RandAugment and erasing); they are restored afterwards. torch.manual_seed would
+    also queue GPU seeding and record a stack trace: 0.7 ms per image."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 class SeededSampler(DistributedSampler):
