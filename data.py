@@ -4,6 +4,7 @@ import itertools
 import math
 import os
 import random
+import signal
 import warnings
 
 import numpy as np
@@ -251,4 +252,12 @@ def build_loader(dataset, batch_size, num_workers, seed, world_size=1, rank=0, t
     sampler = SeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed) if train \
         else range(rank, len(dataset), world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, drop_last=train)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, drop_last=train,
+                      worker_init_fn=ignore_sigterm)
+
+
+def ignore_sigterm(worker_id):
+    """Loader workers leave SIGTERM to the training process. Schedulers signal every process of a job (or its process
+    group): a worker that died of it would end the run with a traceback before the training process had saved its
+    checkpoint. The workers still end with the run: the loader stops them, or they see their parent gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
