@@ -67,7 +67,7 @@ def get_args_parser():
     add_optim_args(p, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
     p.add_argument('--layer-decay', type=float, default=None,
                    help='lr x decay^(depth - layer): 0.9 Swin-T/S/B, 0.7 Swin-L, 0.75 SwinV2-B, 0.65 ViT')
-    add_run_args(p, output='output/simmim_finetune')
+    add_run_args(p, output='output/simmim_finetune', compile='off')
     g = p.add_argument_group('evaluate and use')
     g.add_argument('--eval', action='store_true', help='evaluate the --resume checkpoint on DATA/val and exit')
     g.add_argument('--throughput', action='store_true', help="print the model's inference images/s and exit")
@@ -320,7 +320,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         args.layer_decay = LAYER_DECAY.get(args.model, 0.9)
     optimizer = build_optimizer(model, args, layer_scales(model, args.layer_decay))
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
-    model_ddp = run.wrap(model)
+    model_ddp = run.compile(run.wrap(model), args.compile)
     trainer = Trainer(model_ddp, optimizer, scheduler, args, run)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=args.num_classes) \

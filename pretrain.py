@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import datetime
 import fcntl
+import inspect
 import itertools
 import json
 import math
@@ -74,7 +75,7 @@ def get_args_parser():
     g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
 
     add_optim_args(p, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5)
-    add_run_args(p, output='output/simmim_pretrain')
+    add_run_args(p, output='output/simmim_pretrain', compile='auto')
     return p
 
 
@@ -125,8 +126,11 @@ def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
                    help='abort after this many consecutive steps with a non-finite loss or gradient')
 
 
-def add_run_args(p, output):
+def add_run_args(p, output, compile):
     g = p.add_argument_group('run')
+    g.add_argument('--compile', default=compile, choices=['auto', 'on', 'off'],
+                   help='torch.compile the training forward and backward (the first step compiles for a minute or '
+                        'two); auto = on GPUs, where it was measured faster; off = eager')
     g.add_argument('--output', default=output, help='folder for checkpoints, logs and pictures')
     g.add_argument('--resume', default=None, help='checkpoint to resume from (default: OUTPUT/checkpoint.pth if any)')
     g.add_argument('--no-auto-resume', dest='auto_resume', action='store_false',
@@ -151,21 +155,26 @@ class Run:
     """Distributed state from torchrun's environment (or a single process), the device and rank-0 logging."""
 
     def __init__(self, args):
-        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
-        self.rank = int(os.environ.get('RANK', 0))
+        # torchrun sets RANK and WORLD_SIZE: then the run is distributed, with one process too (one code path)
+        self.distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+        self.world_size = int(os.environ['WORLD_SIZE']) if self.distributed else 1
+        self.rank = int(os.environ['RANK']) if self.distributed else 0
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        self.distributed = self.world_size > 1
         cuda = torch.cuda.is_available() if args.device is None else args.device.startswith('cuda')
         self.device = torch.device(f'cuda:{self.local_rank}' if cuda else 'cpu')
         if cuda:
             torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: the patch embedding's fastest convolution
         if self.distributed:
             dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=args.dist_timeout))
         self.main = self.rank == 0
         self.output = args.output
         self.sigterm = False  # schedulers send SIGTERM before preemption: save and stop after the current step
         self.stopping = False  # what stop_requested() last said, the same on every rank
-        self.pending_stop = None
+        # the SIGTERM flag all ranks reduce: on the device, and its copy on the host (pinned, so copied without a wait)
+        self.flag = torch.zeros((), device=self.device)
+        self.flag_host = torch.zeros((), pin_memory=cuda)
+        self.flag_copied = None  # a CUDA event: the last reduced flag is in flag_host
         self.previous_handler = signal.signal(signal.SIGTERM, self.on_sigterm)
 
     def on_sigterm(self, *_):
@@ -173,23 +182,20 @@ class Run:
 
     def stop_requested(self):
         """Whether any rank got SIGTERM; all ranks stop after the same step. Distributed, each step's flag is reduced
-        without waiting and read one step later, when the device is done with it: the check never stalls the GPU."""
+        on the device and read on the host one step later, once the device got there: the check never waits for the
+        step in flight, so a SIGTERM takes effect one step later than in a single process."""
         if not self.distributed:
             self.stopping = self.sigterm
             return self.stopping
-        flag = torch.tensor(float(self.sigterm), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True).wait()  # NCCL: only the stream waits
-        ready = None
+        if self.flag_copied is not None:
+            self.flag_copied.synchronize()  # the device is past the last step's reduction: no wait for this step
+        self.stopping = bool(self.flag_host)  # the flag reduced one step ago
+        self.flag.fill_(float(self.sigterm))  # the value travels as a kernel argument: no copy that waits
+        dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)  # NCCL: the stream waits, not the host
+        self.flag_host.copy_(self.flag, non_blocking=True)
         if self.device.type == 'cuda':
-            flag = flag.to('cpu', non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        previous, self.pending_stop = self.pending_stop, (flag, ready)
-        if previous is not None:
-            flag, ready = previous
-            if ready is not None:
-                ready.synchronize()
-            self.stopping = bool(flag)
+            self.flag_copied = torch.cuda.Event()
+            self.flag_copied.record()
         return self.stopping
 
     def print(self, *msg):
@@ -211,11 +217,23 @@ class Run:
         return t.tolist()
 
     def wrap(self, model):
-        """DistributedDataParallel when distributed (its buckets hold the gradients: no extra copy)."""
+        """DistributedDataParallel when distributed (its buckets hold the gradients: no extra copy). Buffers are not
+        re-broadcast before each forward: the models' buffers (Swin's window masks and position indices) are
+        constants, the same on every rank."""
         if not self.distributed:
             return model
+        switch = 'forward_sync_buffers'  # torch >= 2.14; earlier: broadcast_buffers
+        no_sync = {switch if switch in inspect.signature(DistributedDataParallel).parameters else 'broadcast_buffers': False}
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-                                       gradient_as_bucket_view=True)
+                                       gradient_as_bucket_view=True, **no_sync)
+
+    def compile(self, model, when):
+        """torch.compile(model) if when is 'on', or 'auto' on a GPU; compiled after the DDP wrapper, so that DDP's
+        gradient reductions still overlap the backward."""
+        if when == 'on' or when == 'auto' and self.device.type == 'cuda':
+            self.print("torch.compile: the first step compiles the model (a minute or two); --compile off runs eager")
+            return torch.compile(model)
+        return model
 
     def fail_on_lost_peer(self, error):
         """A collective that failed because another rank died or hung (--dist-timeout): one line, not a traceback."""
@@ -629,7 +647,7 @@ def pretrain(args, run):
     steps_per_epoch = args.steps_per_epoch
     model.to(run.device)
     models.use_fused_attention(model, run.device.type == 'cuda')
-    model_ddp = run.wrap(model)
+    model_ddp = run.compile(run.wrap(model), args.compile)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     trainer = Trainer(model_ddp, optimizer, scheduler, args, run)
