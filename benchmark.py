@@ -2,18 +2,23 @@
 
     python benchmark.py --model swin_base --batch-size 8 --amp bf16 off          # our training step, one row per AMP
     python benchmark.py --official ../SimMIM --amp bf16 off --rounds 3           # ours and the official, ratios
+    python benchmark.py --impls ours ours-compile --amp bf16                     # eager against torch.compile
     python benchmark.py --data --num-workers 2                                   # decoded, augmented, masked images/s
 
 A training step is forward, backward and the optimizer on fixed random images and SimMIM masks, as each code base runs
-it: ours is pretrain.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the median
-of --steps steps after --warmup. Each measurement runs in a fresh process (peak memory is per process), alternating
-the implementations round by round, since absolute times on shared machines drift: the ratio of step times is the
-figure. On a GPU the table adds the model FLOPs utilisation: counted FLOPs per image x images/s over the measured bf16
-matrix-product rate. --official points at a checkout of microsoft/SimMIM; its models/ folder is imported from there,
-never copied here.
+it: ours is pretrain.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the mean of
+--steps consecutive steps after --warmup, with the device synchronised only around them (a step that waits for the
+device pays for it). The implementations alternate round by round, since absolute times on shared machines drift: the
+ratio of step times is the figure. Each measurement runs in a fresh process on a CPU (peak memory is the process's
+peak RSS); on a GPU a round's measurements share one process, each with its own peak of allocated memory. On a GPU the
+table adds the model FLOPs utilisation (counted FLOPs per image x images/s over the measured bf16 matrix-product rate)
+and the host syncs per step that torch.cuda.set_sync_debug_mode reports. --official points at a checkout of
+microsoft/SimMIM; its models/ folder is imported from there, never copied here.
 """
 import argparse
+import gc
 import importlib.util
+import multiprocessing
 import json
 import os
 import resource
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -40,20 +46,21 @@ def get_args_parser():
     p.add_argument('--img-size', type=int, default=None, help='default: 192 Swin, 224 ViT')
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--amp', nargs='+', default=['bf16', 'off'], choices=['bf16', 'fp16', 'off'])
-    p.add_argument('--compile', action='store_true', help='torch.compile the model (ours only)')
     p.add_argument('--fused', default='auto', choices=['auto', 'on', 'off'],
                    help='our scaled_dot_product_attention: auto = on GPUs only, as the scripts do')
-    p.add_argument('--steps', type=int, default=5, help='timed steps; the median is reported')
+    p.add_argument('--steps', type=int, default=5, help='timed steps; their mean is reported')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--rounds', type=int, default=1, help='repeat every measurement, alternating implementations')
     p.add_argument('--official', default=None, metavar='PATH', help='a microsoft/SimMIM checkout to compare with')
-    p.add_argument('--impls', nargs='+', choices=['ours', 'official', 'ours-model'],
-                   help='default: ours, and official with --official; ours-model = our model in the official step')
+    p.add_argument('--impls', nargs='+', choices=['ours', 'ours-compile', 'official', 'ours-model'],
+                   help='default: ours, and official with --official; ours-compile = ours with torch.compile; '
+                        'ours-model = our model in the official step')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--data', action='store_true', help='benchmark the data pipeline instead')
     p.add_argument('--num-workers', type=int, default=2, help='data pipeline: loader processes')
     p.add_argument('--images', type=int, default=256, help='data pipeline: generated ImageNet-size JPEGs')
-    p.add_argument('--child', nargs=2, help=argparse.SUPPRESS)  # one measurement (impl, amp), in a child process
+    p.add_argument('--json', default=None, metavar='PATH', help='also write the results here')
+    p.add_argument('--child', nargs='+', help=argparse.SUPPRESS)  # measurements impl:amp, in a child process
     return p
 
 
@@ -85,12 +92,13 @@ def official_simmim(path, name, img_size):
 def training_step(args, impl, amp, device):
     """-> a function running one training step of impl on fixed random images and SimMIM masks.
 
-    ours: pretrain.py's Trainer.step on our model (fused AdamW, clipping, non-finite steps skipped on the device).
+    ours: pretrain.py's Trainer.step on our model (fused AdamW, clipping, non-finite steps skipped on the device);
+    ours-compile: the same with the model under torch.compile (pretrain.py --compile).
     official: microsoft/SimMIM's model in main_simmim.py's step: AdamW as its build_optimizer makes it (torch's default
     implementation), clip_grad_norm_(5.0), loss.item(); native autocast + GradScaler stand in for its apex amp.
     ours-model: our model in that official step, which separates what the model code gives from what the step gives.
     """
-    if impl == 'ours':
+    if impl.startswith('ours'):
         pretrain.tune_cpu()  # as the scripts do; the official step runs as main_simmim.py does, without
     torch.manual_seed(0)
     official_model = impl == 'official'
@@ -99,7 +107,8 @@ def training_step(args, impl, amp, device):
     model.to(device).train()
     if not official_model:
         models.use_fused_attention(model, device.type == 'cuda' if args.fused == 'auto' else args.fused == 'on')
-    step_model = torch.compile(model) if args.compile and not official_model else model
+    if impl == 'ours-compile':
+        model.compile()
     size = model.encoder.patch_embed.img_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     patch = model.encoder.patch_embed.patch_size
@@ -107,13 +116,13 @@ def training_step(args, impl, amp, device):
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     mask = torch.stack([masks() for _ in range(args.batch_size)]).to(device)
 
-    if impl == 'ours':
+    if impl.startswith('ours') and impl != 'ours-model':
         targs = pretrain.get_args_parser().parse_args(['--amp', amp])
         targs.lr, targs.warmup_lr_scaled, targs.min_lr_scaled = 1e-4, 1e-7, 1e-6
         optimizer = pretrain.build_optimizer(model, targs)
         run = type('run', (), dict(device=device, distributed=False))()
-        trainer = pretrain.Trainer(step_model, optimizer, pretrain.build_scheduler(optimizer, targs, 1000), targs, run)
-        return lambda i: trainer.step(i, [(x, mask)], lambda batch: step_model(*batch))
+        trainer = pretrain.Trainer(model, optimizer, pretrain.build_scheduler(optimizer, targs, 1000), targs, run)
+        return lambda i: trainer.step(i, [(x, mask)], lambda batch: model(*batch))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
     _, amp_context = autocast(amp, device)
@@ -121,7 +130,7 @@ def training_step(args, impl, amp, device):
 
     def official_step(i):
         with amp_context:
-            loss = step_model(x, mask)
+            loss = model(x, mask)
         optimizer.zero_grad()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -133,21 +142,48 @@ def training_step(args, impl, amp, device):
 
 
 def measure_step(args, impl, amp):
-    """-> one result dict: median step time, images/s and peak memory of this process."""
+    """-> one result dict: mean step time, images/s, peak memory, and on a GPU the host syncs per step."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    cuda = device.type == 'cuda'
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     step = training_step(args, impl, amp, device)
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    for i in range(args.warmup):
         step(i)
-        if device.type == 'cuda':
+    sync()
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    result = dict(impl=impl, amp=amp, seconds=seconds, images_per_s=args.batch_size / seconds,
+                  device=torch.cuda.get_device_name() if cuda else 'cpu')
+    if cuda:
+        result['peak_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
+        result['syncs_per_step'] = host_syncs(lambda: step(0), 4) / 4
+    else:
+        result['peak_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return result
+
+
+def host_syncs(fn, repeats):
+    """How many times fn() made the host wait for the GPU, over repeats calls (torch.cuda.set_sync_debug_mode). A call
+    before the counted ones takes what switching the mode on reports."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            fn()
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times[args.warmup:])
-    memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' \
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return dict(impl=impl, amp=amp, seconds=seconds, images_per_s=args.batch_size / seconds, peak_gb=memory,
-                device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu')
+            del caught[:]
+            for _ in range(repeats):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    return sum('synchroniz' in str(w.message) for w in caught)
 
 
 def flops_per_image(args):
@@ -177,57 +213,85 @@ def bf16_matmul_peak(n=8192, repeats=50):
 
 def benchmark_steps(args):
     impls = args.impls or ['ours'] + (['official'] if args.official else [])
-    if any(i != 'ours' for i in impls) and not args.official:
+    if any(i in ('official', 'ours-model') for i in impls) and not args.official:
         raise SystemExit("error: the official step needs --official PATH, a checkout of microsoft/SimMIM")
+    cuda = (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
     results = []
     for _ in range(args.rounds):
-        for amp in args.amp:
-            for impl in impls:
-                child = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--child', impl, amp]
-                out = subprocess.run(child, capture_output=True, text=True)
-                if out.returncode:
-                    raise SystemExit(out.stderr[-2000:])
-                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cuda = results[0]['device'] != 'cpu'
+        measurements = [f'{impl}:{amp}' for amp in args.amp for impl in impls]
+        for group in [measurements] if cuda else [[m] for m in measurements]:  # CPU: a process each (peak RSS)
+            child = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--child', *group]
+            out = subprocess.run(child, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            results += [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
     flops = flops_per_image(args)
     peak = bf16_matmul_peak() if cuda else None
     print(f"{args.model}, {args.img_size or 'default'} px, batch {args.batch_size}, training step (forward, backward, "
-          f"optimizer), median of {args.steps} after {args.warmup} warm-up, {args.rounds} round(s), "
-          f"{results[0]['device']}" + (', torch.compile' if args.compile else '') +
-          f", our fused attention: {args.fused}; {flops / 1e9:.2f} GFLOPs per image (forward + backward, counted)" +
-          (f"; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s" if cuda else ''))
+          f"optimizer), mean of {args.steps} after {args.warmup} warm-up, {args.rounds} round(s), "
+          f"{results[0]['device']}, our fused attention: {args.fused}; {flops / 1e9:.2f} GFLOPs per image (forward + "
+          f"backward, counted)" + (f"; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s" if cuda else ''))
     print('| implementation | amp | step s | images/s | peak GB | vs official fp32 | vs official, same amp |'
-          + (' MFU |' if cuda else ''))
-    print('| --- | --- | ---: | ---: | ---: | ---: | ---: |' + (' ---: |' if cuda else ''))
+          + (' MFU | host syncs per step |' if cuda else ''))
+    print('| --- | --- | ---: | ---: | ---: | ---: | ---: |' + (' ---: | ---: |' if cuda else ''))
     summary = {}
     for r in results:
         summary.setdefault((r['impl'], r['amp']), []).append(r)
     base = summary.get(('official', 'off'))
+    rows = []
     for (impl, amp), rs in summary.items():
         s = statistics.median(r['seconds'] for r in rs)
+        row = dict(impl=impl, amp=amp, seconds=s, images_per_s=args.batch_size / s,
+                   peak_gb=max(r['peak_gb'] for r in rs), rounds=[r['seconds'] for r in rs])
         same = summary.get(('official', amp))
-        ratio = lambda ref: f"{statistics.median(r['seconds'] for r in ref) / s:.2f}x" if ref else '-'
-        print(f"| {impl} | {amp} | {s:.3f} | {args.batch_size / s:.2f} | {max(r['peak_gb'] for r in rs):.2f} | "
-              f"{ratio(base)} | {ratio(same)} |" + (f" {args.batch_size / s * flops / peak:.1%} |" if cuda else ''))
+        ratio = lambda ref: statistics.median(r['seconds'] for r in ref) / s if ref else None
+        row.update(vs_official_fp32=ratio(base), vs_official=ratio(same))
+        if cuda:
+            row.update(mfu=row['images_per_s'] * flops / peak, syncs_per_step=max(r['syncs_per_step'] for r in rs))
+        rows.append(row)
+        shown = lambda v: f"{v:.2f}x" if v else '-'
+        print(f"| {impl} | {amp} | {s:.3f} | {row['images_per_s']:.2f} | {row['peak_gb']:.2f} | "
+              f"{shown(row['vs_official_fp32'])} | {shown(row['vs_official'])} |"
+              + (f" {row['mfu']:.1%} | {row['syncs_per_step']:g} |" if cuda else ''))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(model=args.model, batch_size=args.batch_size, device=results[0]['device'], flops=flops,
+                           bf16_peak=peak, rows=rows), f, indent=1)
 
 
 def benchmark_data(args):
     """Decoded, augmented and masked images/s through the real loader, on generated ImageNet-size JPEGs."""
     pretrain.tune_cpu()  # as the scripts do: the workers inherit it
     with tempfile.TemporaryDirectory(prefix='simmim_data_') as folder:
+        write_jpegs(folder, args.images)
         rate = data_rate(args, folder)
     print(f"data pipeline: {rate:.0f} images/s with {args.num_workers} workers ({rate / max(args.num_workers, 1):.0f} "
           f"per worker): JPEG decode, RandomResizedCrop to {args.img_size or 192}px, flip, normalise, mask; "
           f"{args.images} images of 500x375")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(images_per_s=rate, num_workers=args.num_workers, images=args.images), f)
+
+
+def write_jpeg(path_index):
+    path, i = path_index
+    rng = np.random.default_rng(i)
+    w, h = (500, 375) if i % 2 else (375, 500)
+    noise = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)  # smooth-ish content, JPEG-sized files
+    Image.fromarray(noise).resize((w, h), Image.BICUBIC).save(path, quality=90)
+
+
+def write_jpegs(folder, n, classes=()):
+    """n ImageNet-size JPEGs (500x375 and 375x500) in folder, or spread over its subfolders `classes`."""
+    paths = [os.path.join(folder, classes[i % len(classes)] if classes else '', f'{i}.jpg') for i in range(n)]
+    for c in classes or ['']:
+        os.makedirs(os.path.join(folder, c), exist_ok=True)
+    with multiprocessing.Pool(min(os.cpu_count() or 1, 16)) as pool:
+        pool.map(write_jpeg, [(p, i) for i, p in enumerate(paths)], chunksize=16)
 
 
 def data_rate(args, folder):
-    """The real loader's images/s over --images JPEGs generated in folder (after its workers have started)."""
-    rng = np.random.default_rng(0)
-    for i in range(args.images):
-        w, h = (500, 375) if i % 2 else (375, 500)
-        noise = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)  # smooth-ish content, JPEG-sized files
-        Image.fromarray(noise).resize((w, h), Image.BICUBIC).save(os.path.join(folder, f'{i}.jpg'), quality=90)
+    """The real loader's images/s over the JPEGs in folder (after its workers have started)."""
     size = args.img_size or 192
     transform = data.PretrainTransform(size, data.MaskGenerator(size, 32, 4, 0.6), data.normalization(3))
     loader = data.build_loader(data.ImageDataset(folder, transform), 16, args.num_workers, 0)
@@ -243,7 +307,8 @@ def data_rate(args, folder):
 if __name__ == '__main__':
     args = get_args_parser().parse_args()
     if args.child:
-        print(json.dumps(measure_step(args, *args.child)))
+        for measurement in args.child:
+            print(json.dumps(measure_step(args, *measurement.split(':'))), flush=True)
     elif args.data:
         benchmark_data(args)
     else:
