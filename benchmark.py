@@ -117,7 +117,7 @@ def training_step(args, impl, amp, device):
     mask = torch.stack([masks() for _ in range(args.batch_size)]).to(device)
 
     if impl.startswith('ours') and impl != 'ours-model':
-        targs = pretrain.get_args_parser().parse_args(['--amp', amp])
+        targs = pretrain.get_args_parser().parse_args(['--model', args.model, '--amp', amp])
         targs.lr, targs.warmup_lr_scaled, targs.min_lr_scaled = 1e-4, 1e-7, 1e-6
         optimizer = pretrain.build_optimizer(model, targs)
         run = type('run', (), dict(device=device, distributed=False))()

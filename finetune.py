@@ -21,10 +21,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import data
 import models
-from pretrain import (ARCH, HelpFormatter, Trainer, add_arch_args, add_optim_args, add_run_args, arch_overrides,
-                      autocast, build_optimizer, build_scheduler, claim_output, find_resume, inherit, launch,
-                      load_checkpoint, load_model_state, resume_position, save_atomic, save_checkpoint, scale_lrs,
-                      train_one_epoch, write_provenance)
+from pretrain import (ARCH, TRAJECTORY, HelpFormatter, Trainer, add_arch_args, add_optim_args, add_run_args,
+                      arch_overrides, autocast, build_optimizer, build_scheduler, check_resume_flags, claim_output,
+                      find_resume, inherit, launch, load_checkpoint, load_model_state, resume_position, save_atomic,
+                      save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
 
 # The official layer decay per model family (Swin-B 100-epoch pretraining: 0.9; 800 epochs: 0.8)
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
@@ -336,6 +336,9 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
 
     start_epoch, start_step, best = 0, 0, 0.
     if resume_state:
+        check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth', TRAJECTORY + (
+            'layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
+            'reprob', 'scale', 'hflip'))
         trainer.load_state_dict(resume_state)
         (start_epoch, start_step), best = resume_position(resume_state, steps_per_epoch), resume_state['max_accuracy']
         run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))

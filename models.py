@@ -137,7 +137,17 @@ class ViTEncoder(Beit):
         super().__init__(num_classes=0, global_pool='', use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
                          **kwargs)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-        trunc_normal_(self.mask_token, std=.02)
+        # The official SimMIM ViT's init: every linear layer, the patch embedding and both tokens from N(0, 0.02)
+        # truncated at +-0.02 (an effective std of 0.0108; timm's BEiT truncates at +-2 and leaves the patch
+        # embedding at PyTorch's default), biases 0, then BEiT's rescaling of each block's output projections.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(m.weight, std=.02, a=-.02, b=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for token in (self.cls_token, self.mask_token):
+            trunc_normal_(token, std=.02, a=-.02, b=.02)
+        self.fix_init_weight()
         use_fused_attention(self)
 
     def forward(self, x, mask=None):

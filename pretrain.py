@@ -116,7 +116,7 @@ def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
                    help='cosine to --min-lr, or x --gamma at each of --multisteps; both step every iteration')
     g.add_argument('--multisteps', type=int, nargs='*', default=[], help='multistep milestones, in epochs')
     g.add_argument('--gamma', type=float, default=0.1, help='multistep decay factor')
-    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW; none on norms, biases, tokens, tables')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW; not on norms, biases and the official exemptions (README: Fidelity)')
     g.add_argument('--accumulation-steps', type=int, default=1, help='micro-batches per optimizer step')
     g.add_argument('--clip-grad', type=float, default=5.0, help='max gradient norm; 0 = no clipping')
     g.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'off'],
@@ -133,6 +133,9 @@ def add_run_args(p, output, compile):
                         'two); auto = on GPUs, where it was measured faster; off = eager')
     g.add_argument('--output', default=output, help='folder for checkpoints, logs and pictures')
     g.add_argument('--resume', default=None, help='checkpoint to resume from (default: OUTPUT/checkpoint.pth if any)')
+    g.add_argument('--accept-changes', action='store_true',
+                   help='resume although optimization flags differ from the checkpoint\'s (e.g. more --epochs): the '
+                        'schedule from the resumed step on is the new one')
     g.add_argument('--no-auto-resume', dest='auto_resume', action='store_false',
                    help='start afresh even if OUTPUT holds a checkpoint (by default the run continues from it)')
     g.add_argument('--save-freq', type=int, default=5, help='keep a numbered checkpoint every this many epochs')
@@ -291,15 +294,30 @@ def autocast(amp, device):
     return amp, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+# What the official code does not decay, besides 1-D parameters and biases: a name (module or parameter) in the path.
+# In pretraining microsoft/SimMIM exempts Swin's mask token (its table keyword never matches a name, so the relative
+# position tables are decayed) and ViT's cls token (the mask token and the shared table are decayed); in fine-tuning
+# Swin's tables and ViT's cls token. SwinV2 (microsoft/Swin-Transformer): its keywords, tables, cpb_mlp, logit_scale.
+NO_DECAY = {
+    (models.SWIN, True): {'mask_token', 'absolute_pos_embed'},
+    (models.SWIN, False): {'relative_position_bias_table', 'absolute_pos_embed'},
+    (models.VIT, True): {'cls_token', 'pos_embed'},
+    (models.VIT, False): {'cls_token', 'pos_embed'},
+    (models.SWINV2, True): {'mask_token', 'absolute_pos_embed', 'relative_position_bias_table', 'cpb_mlp',
+                            'logit_scale'},
+    (models.SWINV2, False): {'absolute_pos_embed', 'relative_position_bias_table', 'cpb_mlp', 'logit_scale'},
+}
+
+
 def build_optimizer(model, args, lr_scales=None):
-    """AdamW; no weight decay for 1-D parameters, biases, tokens, position tables and SwinV2's cpb_mlp / logit_scale.
+    """AdamW with the official weight-decay set (NO_DECAY) of a SimMIM model (pretraining) or a classifier.
     lr_scales (optional) maps a parameter name to its layer-wise lr multiplier."""
-    no_decay_keywords = ('token', 'relative_position_bias_table', 'pos_embed', 'cpb_mlp', 'logit_scale')
+    exempt = NO_DECAY[models.MODELS[args.model]['family'], isinstance(model, models.SimMIM)]
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith('.bias') or any(k in name for k in no_decay_keywords)
+        no_decay = p.ndim <= 1 or name.endswith('.bias') or not exempt.isdisjoint(name.split('.'))
         scale = lr_scales(name) if lr_scales else 1.0
         group = groups.setdefault((no_decay, scale), dict(params=[], weight_decay=0. if no_decay else args.weight_decay,
                                                           lr_scale=scale))
@@ -353,7 +371,8 @@ class Trainer:
 
     def step(self, step, micro_batches, loss_fn):
         """One optimizer step over micro_batches; loss_fn(batch) -> scalar loss. -> (mean loss, grad norm) tensors."""
-        self.scheduler.step_update(step)
+        # As the official loop, which sets the lr of step k + 1 after step k: steps 0 and 1 run at the warmup lr
+        self.scheduler.step_update(max(step - 1, 0))
         accum = len(micro_batches)
         total = 0.
         for i, batch in enumerate(micro_batches):
@@ -395,7 +414,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         for group in self.optimizer.param_groups:  # checkpoints of earlier versions saved a non-fused AdamW
             group.update(fused=True, foreach=None)
-        self.scaler.load_state_dict(checkpoint['trainer']['scaler'])
+        if checkpoint['trainer']['scaler'] and self.scaler.is_enabled():  # fp16 before and now (else it starts anew)
+            self.scaler.load_state_dict(checkpoint['trainer']['scaler'])
         self.nonfinite[2] = checkpoint['trainer']['nonfinite_total']
 
 
@@ -464,6 +484,23 @@ def inherit(args, saved, names=ARCH):
     for name in names:
         if getattr(args, name, None) is None and saved.get(name) is not None:
             setattr(args, name, saved[name])
+
+
+# Flags that set the optimization trajectory: a resumed run keeps them unless --accept-changes says otherwise
+TRAJECTORY = ('epochs', 'warmup_epochs', 'base_lr', 'warmup_lr', 'min_lr', 'lr_scheduler', 'multisteps', 'gamma',
+              'weight_decay', 'clip_grad', 'accumulation_steps', 'effective_batch', 'seed')
+
+
+def check_resume_flags(run, args, saved, path, names=TRAJECTORY):
+    """Refuse to resume path with other trajectory flags than it was trained with, unless --accept-changes."""
+    shown = lambda n: 'the effective batch' if n == 'effective_batch' else '--' + n.replace('_', '-')
+    changed = [f"{shown(n)} {saved[n]} -> {getattr(args, n)}" for n in names
+               if n in saved and saved[n] != getattr(args, n)]
+    if changed and not args.accept_changes:
+        raise SystemExit(f"error: resuming '{path}' with other settings than it was trained with: {', '.join(changed)}; "
+                         f"rerun with the same flags, or add --accept-changes to continue on the new settings")
+    if changed:
+        run.print(f"resuming with changed settings (--accept-changes): {', '.join(changed)}")
 
 
 def find_resume(args):
@@ -659,6 +696,8 @@ def pretrain(args, run):
     start_epoch, start_step = 0, 0
     if resume:
         ckpt = load_checkpoint(resume, args.allow_pickle)
+        check_resume_flags(run, args, ckpt['args'], resume, TRAJECTORY + ('mask_patch_size', 'mask_ratio',
+                                                                         'norm_target_window'))
         load_model_state(model, ckpt['model'], resume)
         trainer.load_state_dict(ckpt)
         start_epoch, start_step = resume_position(ckpt, steps_per_epoch)

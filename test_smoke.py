@@ -344,7 +344,8 @@ def read_log(output):
 
 def test_weight_decay_groups_and_lr_schedules_follow_the_recipe():
     model = tiny_simmim('swinv2_tiny')
-    args = pretrain.get_args_parser().parse_args(['--epochs', '10', '--warmup-epochs', '2', '--batch-size', '64'])
+    args = pretrain.get_args_parser().parse_args(['--model', 'swinv2_tiny', '--epochs', '10', '--warmup-epochs', '2',
+                                                  '--batch-size', '64'])
     loader = type('loader', (), {'__len__': lambda self: 25, 'dataset': range(1600)})()
     assert '25 steps per epoch' in pretrain.scale_lrs(args, type('run', (), {'world_size': 2})(), loader)
     assert args.effective_batch == 128 and args.lr == 2e-4 * 128 / 512 and args.min_lr_scaled == 1e-5 / 4
@@ -444,7 +445,7 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
 def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
-    args = pretrain.get_args_parser().parse_args(['--amp', amp, '--max-nonfinite', '2'])
+    args = pretrain.get_args_parser().parse_args(['--model', 'swin_tiny', '--amp', amp, '--max-nonfinite', '2'])
     args.lr = 1e-2
     run = type('run', (), {'device': torch.device('cpu'), 'distributed': False})()
     scheduler = type('scheduler', (), {'step_update': lambda self, step: None})()
@@ -581,7 +582,7 @@ def test_layer_decay_follows_the_official_assignment(name):
     names = dict(model.named_parameters())
     for key, value in expected.items():
         assert key in names and scale(key) == pytest.approx(value), key
-    args = finetune.get_args_parser().parse_args([])
+    args = finetune.get_args_parser().parse_args(['--model', name])
     args.lr = 1.0
     optimizer = pretrain.build_optimizer(model, args, scale)
     assert {g['lr_scale'] for g in optimizer.param_groups} == {0.5 ** k for k in range(n + 2)}
@@ -704,8 +705,10 @@ def test_finetune_auto_resumes(finetuned, tmp_path, capsys):
     before = torch.load(tmp_path / 'ft' / 'checkpoint.pth', weights_only=True)
     finetune.main(finetune.get_args_parser().parse_args([
         '--data-path', str(finetuned / 'data'), '--batch-size', '4', '--epochs', '5', '--warmup-epochs', '0',
-        '--num-workers', '0', '--amp', 'off', '--mixup', '0', '--cutmix', '0', '--output', str(tmp_path / 'ft')]))
+        '--num-workers', '0', '--amp', 'off', '--mixup', '0', '--cutmix', '0', '--output', str(tmp_path / 'ft'),
+        '--accept-changes']))  # one more epoch (and the default lr and augmentation), on purpose
     out = capsys.readouterr().out
+    assert 'resuming with changed settings (--accept-changes): --epochs 4 -> 5' in out
     assert 'resuming at epoch 4' in out and 'epoch 4 validation' in out and 'epoch 3 validation' not in out
     after = torch.load(tmp_path / 'ft' / 'checkpoint.pth', weights_only=True)
     assert after['epoch'] == 4 and after['max_accuracy'] >= before['max_accuracy']
@@ -1030,3 +1033,139 @@ def test_compiled_training_follows_the_eager_losses(tmp_path):
     assert len(losses['eager']) == 2
     assert np.allclose(losses['compiled'], losses['eager'], rtol=1e-4)
     assert not np.allclose(losses['other_seed'], losses['eager'], rtol=1e-4)  # the check can tell runs apart
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training fidelity: six official pretraining steps (fixtures/ms_steps_*.pt) replayed through pretrain.py's step
+
+STEP_ARCH = {'swin': ('swin_base', 192, dict(embed_dim=4, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=6)),
+             'vit': ('vit_base', 224, dict(embed_dim=64, depth=2, num_heads=2))}
+
+
+def official_names(names, simmim):
+    """Official parameter name -> ours, through the loader's own layout conversion."""
+    state = {k: torch.full((1,), float(i)) for i, k in enumerate(names)}
+    ours, _ = models.to_timm_layout({'model': state})
+    prefix = lambda k: 'encoder.' + k if simmim and not k.startswith('decoder.') else k
+    return {names[int(v)]: prefix(k) for k, v in ours.items()}
+
+
+def replay_official_steps(family, change=None):
+    """Our model loaded with the official init, trained by pretrain.Trainer on the recorded images, masks and schedule.
+    change(args) alters a setting first (negative controls). -> (record, model, lrs, losses, grad norms)."""
+    rec = torch.load(os.path.join(FIXTURES, f'ms_steps_{family}.pt'), weights_only=True)
+    name, size, arch = STEP_ARCH[family]
+    model = models.build_simmim(name, size, drop_path_rate=0., **arch)
+    models.load_pretrained(model, {'model': rec['init']})
+    args = pretrain.get_args_parser().parse_args(
+        ['--model', name, '--amp', 'off', '--epochs', str(rec['epochs']), '--warmup-epochs', str(rec['warmup_epochs']),
+         '--weight-decay', str(rec['weight_decay']), '--clip-grad', str(rec['clip_grad'])])
+    args.lr, args.warmup_lr_scaled, args.min_lr_scaled = rec['base_lr'], rec['warmup_lr'], rec['min_lr']
+    if change:
+        change(args)
+    optimizer = pretrain.build_optimizer(model, args)
+    trainer = pretrain.Trainer(model, optimizer, pretrain.build_scheduler(optimizer, args, rec['steps_per_epoch']),
+                               args, type('run', (), dict(device=torch.device('cpu'), distributed=False))())
+    mean, std = (torch.tensor(rec[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    lrs, losses, norms = [], [], []
+    for step in range(len(rec['lrs'])):
+        images = (rec['images'][step % 2].float() / 255 - mean) / std
+        loss, norm = trainer.step(step, [(images, rec['masks'][step])], lambda batch: model(*batch))
+        lrs.append(optimizer.param_groups[0]['lr'])
+        losses.append(float(loss))
+        norms.append(float(norm))
+    return rec, model, lrs, losses, norms
+
+
+def max_rel(ours, recorded):
+    return max(abs(a - b) / abs(b) for a, b in zip(ours, recorded))
+
+
+@pytest.mark.parametrize('family', ['swin', 'vit'])
+def test_six_official_training_steps_are_reproduced(family):
+    rec, model, lrs, losses, norms = replay_official_steps(family)
+    assert lrs == pytest.approx(rec['lrs'], rel=1e-12)  # steps 0 and 1 both at the warmup lr, as the official loop
+    assert max_rel(losses, rec['losses']) < 1e-5 and max_rel(norms, rec['grad_norms']) < 1e-5
+    final = models.build_simmim(STEP_ARCH[family][0], STEP_ARCH[family][1], drop_path_rate=0., **STEP_ARCH[family][2])
+    models.load_pretrained(final, {'model': rec['final']})
+    ours, theirs = model.state_dict(), final.state_dict()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) < 1e-5
+    decayed = {n for n, p in model.named_parameters()
+               if any(p is q for g in model_optimizer_groups(model, family) if g['weight_decay'] > 0 for q in g['params'])}
+    names = official_names(list(rec['weight_decay_of']), simmim=True)
+    assert {names[k] for k, wd in rec['weight_decay_of'].items() if wd > 0} == decayed
+
+
+def model_optimizer_groups(model, family):
+    args = pretrain.get_args_parser().parse_args(['--model', STEP_ARCH[family][0]])
+    args.lr = 1e-3
+    return pretrain.build_optimizer(model, args).param_groups
+
+
+@pytest.mark.parametrize('family, change', [
+    ('swin', lambda args: setattr(args, 'weight_decay', 0.)),  # another weight decay: the weights after step 2 move
+    ('vit', lambda args: setattr(args, 'warmup_epochs', 0)),  # another schedule: the lrs and the weights move
+])
+def test_the_step_replay_notices_a_changed_recipe(family, change):
+    rec, model, lrs, losses, norms = replay_official_steps(family, change)
+    final = models.build_simmim(STEP_ARCH[family][0], STEP_ARCH[family][1], drop_path_rate=0., **STEP_ARCH[family][2])
+    models.load_pretrained(final, {'model': rec['final']})
+    ours, theirs = model.state_dict(), final.state_dict()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) > 1e-5
+
+
+@pytest.mark.parametrize('family', ['swin', 'vit'])
+def test_fine_tuning_optimizer_groups_are_the_official_ones(family):
+    rec = torch.load(os.path.join(FIXTURES, f'ms_steps_{family}.pt'), weights_only=True)
+    name, _, arch = STEP_ARCH[family]
+    arch = dict(arch, window_size=7) if family == 'swin' else arch
+    classifier = models.build_classifier(name, 224, num_classes=10, drop_path_rate=0., **arch)
+    args = pretrain.get_args_parser().parse_args(['--model', name])
+    args.lr = 1e-3
+    optimizer = pretrain.build_optimizer(classifier, args, finetune.layer_scales(classifier, rec['layer_decay']))
+    ours = {n: [g['weight_decay'], g['lr_scale']] for n, p in classifier.named_parameters()
+            for g in optimizer.param_groups if any(p is q for q in g['params'])}
+    names = official_names(list(rec['finetune_groups']), simmim=False)
+    recorded = {names[k]: v for k, v in rec['finetune_groups'].items()}
+    assert set(ours) == set(recorded)
+    assert all(ours[k] == pytest.approx(recorded[k], rel=1e-9) for k in recorded), \
+        [(k, ours[k], recorded[k]) for k in recorded if ours[k] != pytest.approx(recorded[k], rel=1e-9)][:5]
+
+
+@pytest.mark.parametrize('family', ['swin', 'vit'])
+def test_a_fresh_model_is_initialised_as_the_official_one(family):
+    rec = torch.load(os.path.join(FIXTURES, f'ms_steps_{family}.pt'), weights_only=True)
+    name, size, arch = STEP_ARCH[family]
+    torch.manual_seed(0)
+    model = models.build_simmim(name, size, drop_path_rate=0., **arch)
+    names = official_names(list(rec['init']), simmim=True)
+    kinds = {}  # std over all weights of a kind: linear layers, patch embedding, tokens, tables
+    for official, tensor in rec['init'].items():
+        if official not in names or tensor.ndim < 2 or not tensor.is_floating_point():
+            continue
+        ours = model.state_dict()[names[official]]
+        kind = 'table' if 'table' in official else 'token' if 'token' in official else official.split('.')[-2]
+        kinds.setdefault(kind, ([], []))
+        kinds[kind][0].append(tensor.flatten())
+        kinds[kind][1].append(ours.flatten())
+    for kind, (theirs, ours) in kinds.items():
+        theirs, ours = torch.cat(theirs), torch.cat(ours)
+        if theirs.numel() < 200 or float(theirs.std()) == 0:
+            assert float(ours.std()) == float(theirs.std()) == 0 or theirs.numel() < 200, kind
+            continue
+        assert float(ours.std()) == pytest.approx(float(theirs.std()), rel=0.1), kind
+
+
+def test_resume_refuses_other_optimization_flags_unless_accepted_and_switches_amp(tmp_path, capsys):
+    write_images(tmp_path / 'data', 8)
+    run = lambda *extra: pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *extra))
+    run('--epochs', '1')
+    with pytest.raises(SystemExit, match=r"--epochs 1 -> 4, --base-lr 0.5 -> 0.01, --lr-scheduler cosine -> multistep; "
+                                         r"rerun with the same flags, or add --accept-changes"):
+        run('--epochs', '4', '--base-lr', '1e-2', '--lr-scheduler', 'multistep')
+    run('--epochs', '1', '--num-workers', '1', '--print-freq', '5')  # flags that do not change the training: no error
+    run('--epochs', '2', '--accept-changes', '--amp', 'fp16')  # extended on purpose, and from fp32 to fp16
+    out = capsys.readouterr().out
+    assert 'resuming with changed settings (--accept-changes): --epochs 1 -> 2' in out and 'resumed from' in out
+    run('--epochs', '3', '--accept-changes', '--amp', 'off')  # and back: the scaler's state is left behind
+    assert [r['epoch'] for r in read_log(tmp_path / 'run') if 'epoch_loss' in r] == [0, 1, 2]
