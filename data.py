@@ -1,10 +1,13 @@
 """SimMIM data: the mask generator, transforms, an image-folder dataset that survives bad files, and the loader."""
+import atexit
 import contextlib
 import itertools
 import math
+import multiprocessing
 import os
 import random
 import signal
+import sys
 import warnings
 
 import numpy as np
@@ -142,11 +145,40 @@ def load_image(path, in_chans=3):
 
 def find_images(root):
     """All image files under root, recursively, sorted; labels from the first-level folders when every image is in
-    one (ImageNet layout), else -1. -> (samples [(path, label)], class names)."""
+    one (ImageNet layout), else -1. -> (samples [(path, label)], class names).
+
+    Links are followed, but each real folder is read once (a link back up the tree is skipped with a warning);
+    hidden files and folders (names starting with '.') and anything that is not a regular file (a FIFO, a socket)
+    are left out; unreadable folders are skipped with a warning. Large trees report progress every 100,000 images."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data path '{root}' is not a folder; point --data-path at a folder of images")
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
-                   if f.lower().endswith(IMG_EXTENSIONS))
+        raise FileNotFoundError(f"data path '{root}' is not a folder; point the data path at a folder of images")
+    paths, seen, folders = [], set(), [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                warnings.warn(f"skipping {folder}: it leads back to a folder already scanned (a link cycle or a "
+                              f"second link to the same folder)")
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            warnings.warn(f"skipping folder {folder}: {e.strerror}")
+            continue
+        for entry in entries:
+            try:
+                if entry.name.startswith('.'):
+                    continue
+                if entry.is_dir():
+                    folders.append(entry.path)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file():
+                    paths.append(entry.path)
+                    if len(paths) % 100_000 == 0 and os.environ.get('RANK', '0') == '0':
+                        print(f"scanning {root}: {len(paths):,} images so far", file=sys.stderr, flush=True)
+            except OSError:  # a broken link, or a file removed meanwhile
+                continue
+    paths.sort()
     if not paths:
         raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under '{root}'")
     tops = [os.path.relpath(p, root).split(os.sep)[0] for p in paths]
@@ -261,3 +293,12 @@ def ignore_sigterm(worker_id):
     group): a worker that died of it would end the run with a traceback before the training process had saved its
     checkpoint. The workers still end with the run: the loader stops them, or they see their parent gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # runs before multiprocessing's own exit handler, registered earlier
+def end_loader_workers():
+    """Python ends daemonic children at exit with SIGTERM and waits for them; loader workers ignore SIGTERM, so a
+    process leaving past a live loader (an error, Ctrl-C) would wait forever. SIGKILL them first instead."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

@@ -21,7 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import data
 import models
-from pretrain import (ARCH, TRAJECTORY, HelpFormatter, Trainer, add_arch_args, add_optim_args, add_run_args,
+from pretrain import (AMOUNT, ARCH, COUNT, SIZE, TRAJECTORY, HelpFormatter, Trainer, add_arch_args, add_optim_args, add_run_args,
                       arch_overrides, autocast, build_optimizer, build_scheduler, check_resume_flags, claim_output,
                       find_resume, inherit, launch, load_checkpoint, load_model_state, resume_position, save_atomic,
                       save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
@@ -38,34 +38,34 @@ def get_args_parser():
     g.add_argument('--pretrained', default=None, help='SimMIM pretraining checkpoint to start from')
     g.add_argument('--model', default=None, choices=list(models.MODELS),
                    help="encoder (default: the checkpoint's, else swin_base)")
-    g.add_argument('--img-size', type=int, default=None, help='input size in pixels (default 224)')
+    g.add_argument('--img-size', type=SIZE, default=None, help='input size in pixels (default 224)')
     add_arch_args(g)
-    g.add_argument('--num-classes', type=int, default=None, help='default: the class folders of DATA/train')
+    g.add_argument('--num-classes', type=SIZE, default=None, help='default: the class folders of DATA/train')
     g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, slower')
     g.add_argument('--linear-probe', action='store_true', default=None,
                    help='freeze the encoder, train BatchNorm + linear on pooled features (no mixup, RandAugment, '
                         'erasing, smoothing, weight decay)')
 
     g = p.add_argument_group('augmentation (official fine-tuning values)')
-    g.add_argument('--scale', type=float, default=0.08, help='RandomResizedCrop: smallest crop, a fraction of the area')
+    g.add_argument('--scale', type=AMOUNT, default=0.08, help='RandomResizedCrop: smallest crop, a fraction of the area')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits, ...)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' for none")
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
-    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, 0 = off')
-    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, 0 = off')
+    g.add_argument('--mixup', type=AMOUNT, default=0.8, help='mixup alpha, 0 = off')
+    g.add_argument('--cutmix', type=AMOUNT, default=1.0, help='cutmix alpha, 0 = off')
     g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
     g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--smoothing', type=AMOUNT, default=0.1, help='label smoothing')
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default=None, help='folder with train/ and val/ class folders (ImageNet layout)')
-    g.add_argument('--batch-size', type=int, default=128, help='images per GPU (per process) and micro-step')
-    g.add_argument('--num-workers', type=int, default=8, help='data loading processes per GPU')
+    g.add_argument('--batch-size', type=SIZE, default=128, help='images per GPU (per process) and micro-step')
+    g.add_argument('--num-workers', type=COUNT, default=8, help='data loading processes per GPU')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean (default: ImageNet)')
     g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
 
     add_optim_args(p, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
-    p.add_argument('--layer-decay', type=float, default=None,
+    p.add_argument('--layer-decay', type=AMOUNT, default=None,
                    help='lr x decay^(depth - layer): 0.9 Swin-T/S/B, 0.7 Swin-L, 0.75 SwinV2-B, 0.65 ViT')
     add_run_args(p, output='output/simmim_finetune', compile='off')
     g = p.add_argument_group('evaluate and use')
@@ -371,6 +371,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         if run.stopping:
             run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
             return
+    trainer.check_nonfinite(args.epochs * steps_per_epoch, final=True)
     run.print(f"done: best top-1 {best:.2f}%; checkpoints (best.pth) and log.jsonl are in {args.output}")
 
 

@@ -180,8 +180,9 @@ class SimMIM(nn.Module):
 
     def __init__(self, encoder, encoder_stride, norm_target_window=0):
         super().__init__()
-        if norm_target_window and norm_target_window % 2 == 0:
-            raise ValueError(f"norm_target_window must be odd, got {norm_target_window}")
+        if norm_target_window and (norm_target_window % 2 == 0 or norm_target_window < 3):
+            raise ValueError(f"the target normalisation window must be odd and at least 3 (a window of 1 pixel has no "
+                             f"spread), got {norm_target_window}")
         self.encoder = encoder
         self.encoder_stride = encoder_stride
         self.in_chans = encoder.patch_embed.proj.in_channels

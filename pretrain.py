@@ -49,28 +49,42 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def at_least(low, kind=int):
+    """An argparse type: a number >= low; anything else is argparse's one-line error naming the flag."""
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'" for what is no number at all
+    return parse
+
+
+COUNT, SIZE, AMOUNT = at_least(0), at_least(1), at_least(0, float)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser('SimMIM pretraining', formatter_class=HelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--model', default=None, choices=list(models.MODELS),
                    help="encoder (default: --pretrained's, else swin_base)")
-    g.add_argument('--img-size', type=int, default=None, help='input size in pixels (default: 192 Swin, 224 ViT)')
+    g.add_argument('--img-size', type=SIZE, default=None, help='input size in pixels (default: 192 Swin, 224 ViT)')
     add_arch_args(g)
     g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, ~25%% slower')
     g.add_argument('--pretrained', default=None,
                    help='continue pretraining from these weights (any supported layout; the decoder too if present)')
 
     g = p.add_argument_group('masking')
-    g.add_argument('--mask-patch-size', type=int, default=32, help='side of a masked square, pixels')
+    g.add_argument('--mask-patch-size', type=SIZE, default=32, help='side of a masked square, pixels')
     g.add_argument('--mask-ratio', type=float, default=0.6, help='fraction of masked squares')
-    g.add_argument('--norm-target-window', type=int, default=0,
+    g.add_argument('--norm-target-window', type=COUNT, default=0,
                    help='regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels')
 
     g = p.add_argument_group('data')
     g.add_argument('--data-path', default=None,
                    help='folder of images, searched recursively (labels unused); default: the bundled demo/ images')
-    g.add_argument('--batch-size', type=int, default=128, help='images per GPU (per process) and micro-step')
-    g.add_argument('--num-workers', type=int, default=8, help='data loading processes per GPU')
+    g.add_argument('--batch-size', type=SIZE, default=128, help='images per GPU (per process) and micro-step')
+    g.add_argument('--num-workers', type=COUNT, default=8, help='data loading processes per GPU')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean (default: ImageNet)')
     g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
 
@@ -81,15 +95,15 @@ def get_args_parser():
 
 def add_arch_args(g):
     """Architecture overrides shared with finetune.py; unset ones keep the named model's value."""
-    g.add_argument('--window-size', type=int, default=None, help='Swin window (default: img size / 32, Swin-L / 16)')
-    g.add_argument('--patch-size', type=int, default=None, help='model patch size (default: Swin 4, ViT 16)')
-    g.add_argument('--embed-dim', type=int, default=None, help="width of the first stage (default: the model's)")
-    g.add_argument('--depths', type=int, nargs='+', default=None,
+    g.add_argument('--window-size', type=SIZE, default=None, help='Swin window (default: img size / 32, Swin-L / 16)')
+    g.add_argument('--patch-size', type=SIZE, default=None, help='model patch size (default: Swin 4, ViT 16)')
+    g.add_argument('--embed-dim', type=SIZE, default=None, help="width of the first stage (default: the model's)")
+    g.add_argument('--depths', type=SIZE, nargs='+', default=None,
                    help="blocks per stage, ViT: one number (default: the model's)")
-    g.add_argument('--num-heads', type=int, nargs='+', default=None,
+    g.add_argument('--num-heads', type=SIZE, nargs='+', default=None,
                    help="heads per stage, ViT: one number (default: the model's)")
-    g.add_argument('--in-chans', type=int, default=None, help='image channels: 3 (RGB, default) or 1 (grayscale)')
-    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth (default: the official config)')
+    g.add_argument('--in-chans', type=SIZE, default=None, help='image channels: 3 (RGB, default) or 1 (grayscale)')
+    g.add_argument('--drop-path', type=AMOUNT, default=None, help='stochastic depth (default: the official config)')
 
 
 def arch_overrides(args):
@@ -107,22 +121,22 @@ def arch_overrides(args):
 
 def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
     g = p.add_argument_group('optimization (learning rates are per 512 images: lr x effective batch / 512)')
-    g.add_argument('--epochs', type=int, default=epochs)
-    g.add_argument('--warmup-epochs', type=int, default=warmup_epochs, help='linear warmup from --warmup-lr')
-    g.add_argument('--base-lr', type=float, default=base_lr, help='peak lr per 512 images')
-    g.add_argument('--warmup-lr', type=float, default=warmup_lr, help='lr at step 0, per 512 images')
-    g.add_argument('--min-lr', type=float, default=min_lr, help='final cosine lr, per 512 images')
+    g.add_argument('--epochs', type=SIZE, default=epochs)
+    g.add_argument('--warmup-epochs', type=COUNT, default=warmup_epochs, help='linear warmup from --warmup-lr')
+    g.add_argument('--base-lr', type=AMOUNT, default=base_lr, help='peak lr per 512 images')
+    g.add_argument('--warmup-lr', type=AMOUNT, default=warmup_lr, help='lr at step 0, per 512 images')
+    g.add_argument('--min-lr', type=AMOUNT, default=min_lr, help='final cosine lr, per 512 images')
     g.add_argument('--lr-scheduler', default='cosine', choices=['cosine', 'multistep'],
                    help='cosine to --min-lr, or x --gamma at each of --multisteps; both step every iteration')
-    g.add_argument('--multisteps', type=int, nargs='*', default=[], help='multistep milestones, in epochs')
-    g.add_argument('--gamma', type=float, default=0.1, help='multistep decay factor')
-    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW; not on norms, biases and the official exemptions (README: Fidelity)')
-    g.add_argument('--accumulation-steps', type=int, default=1, help='micro-batches per optimizer step')
-    g.add_argument('--clip-grad', type=float, default=5.0, help='max gradient norm; 0 = no clipping')
+    g.add_argument('--multisteps', type=COUNT, nargs='*', default=[], help='multistep milestones, in epochs')
+    g.add_argument('--gamma', type=AMOUNT, default=0.1, help='multistep decay factor')
+    g.add_argument('--weight-decay', type=AMOUNT, default=0.05, help='AdamW; not on norms, biases and the official exemptions (README: Fidelity)')
+    g.add_argument('--accumulation-steps', type=SIZE, default=1, help='micro-batches per optimizer step')
+    g.add_argument('--clip-grad', type=AMOUNT, default=5.0, help='max gradient norm; 0 = no clipping')
     g.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'off'],
                    help='autocast dtype; fp16 uses a gradient scaler (default: bf16 where the device computes it '
                         'natively: recent GPUs, CPUs with AVX512-BF16 or AMX; else fp16 on GPUs, off on CPUs)')
-    g.add_argument('--max-nonfinite', type=int, default=20,
+    g.add_argument('--max-nonfinite', type=SIZE, default=20,
                    help='abort after this many consecutive steps with a non-finite loss or gradient')
 
 
@@ -138,12 +152,12 @@ def add_run_args(p, output, compile):
                         'schedule from the resumed step on is the new one')
     g.add_argument('--no-auto-resume', dest='auto_resume', action='store_false',
                    help='start afresh even if OUTPUT holds a checkpoint (by default the run continues from it)')
-    g.add_argument('--save-freq', type=int, default=5, help='keep a numbered checkpoint every this many epochs')
-    g.add_argument('--save-steps', type=int, default=0,
+    g.add_argument('--save-freq', type=SIZE, default=5, help='keep a numbered checkpoint every this many epochs')
+    g.add_argument('--save-steps', type=COUNT, default=0,
                    help='also update checkpoint.pth every this many steps inside an epoch (resumed exactly); 0 = off')
-    g.add_argument('--dist-timeout', type=float, default=30,
+    g.add_argument('--dist-timeout', type=at_least(0.1, float), default=30,
                    help='minutes a collective waits for a dead or hung rank before the run stops with an error')
-    g.add_argument('--print-freq', type=int, default=100, help='log every this many optimizer steps')
+    g.add_argument('--print-freq', type=SIZE, default=100, help='log every this many optimizer steps')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     g.add_argument('--allow-pickle', action='store_true',
@@ -248,7 +262,8 @@ class Run:
         raise error
 
     def close(self):
-        signal.signal(signal.SIGTERM, self.previous_handler)
+        if not self.sigterm:  # once signalled, a second SIGTERM during the exit must not kill the stopping process
+            signal.signal(signal.SIGTERM, self.previous_handler)
         if getattr(self, 'lock', None):
             self.lock.close()
         if self.distributed and dist.is_initialized():
@@ -272,13 +287,16 @@ def tune_cpu():
 
 
 def launch(body, args):
-    """body(args, run) in a Run that is always closed; a lost rank ends in one line."""
+    """body(args, run) in a Run that is always closed; a lost rank or Ctrl-C ends in one line."""
     tune_cpu()
     run = Run(args)
     try:
         body(args, run)
     except RuntimeError as e:
         run.fail_on_lost_peer(e)
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted (Ctrl-C): the checkpoints in {args.output} are whole; rerun the same command "
+                         f"to resume from the last one") from None
     finally:
         run.close()
 
@@ -341,8 +359,6 @@ def build_scheduler(optimizer, args, steps_per_epoch):
 
 def scale_lrs(args, run, loader):
     """The lr scaling rule (lrs are per 512 images) and the optimizer steps per epoch. -> a line describing both."""
-    if args.accumulation_steps < 1:
-        raise ValueError(f"--accumulation-steps must be >= 1, got {args.accumulation_steps}")
     args.steps_per_epoch = len(loader) // args.accumulation_steps
     if args.steps_per_epoch == 0:
         raise ValueError(f"{len(loader.dataset)} images make no full step of {args.batch_size} images x "
@@ -368,6 +384,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.amp == 'fp16')
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite = torch.zeros(3, device=run.device)  # skipped steps: current run, longest run, total
+        self.steps_run = 0  # by this process
 
     def step(self, step, micro_batches, loss_fn):
         """One optimizer step over micro_batches; loss_fn(batch) -> scalar loss. -> (mean loss, grad norm) tensors."""
@@ -384,7 +401,10 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad or math.inf)
-        bad = (~torch.isfinite(grad_norm)).float()  # identical on all ranks: gradients are all-reduced
+        # a non-finite loss counts too (its gradients can be finite); the same on all ranks once reduced
+        bad = (~torch.isfinite(grad_norm + total)).float()
+        if self.run.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         # The fused optimizer skips the update on the device when found_inf is 1 (the protocol GradScaler uses), so
         # no step waits for this check; check_nonfinite() reads the counts when logging.
         self.optimizer.found_inf = bad
@@ -394,12 +414,14 @@ class Trainer:
         streak = (self.nonfinite[0] + bad) * bad
         self.nonfinite = torch.stack((streak, torch.maximum(self.nonfinite[1], streak), self.nonfinite[2] + bad))
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps_run += 1
         return total / accum, grad_norm
 
-    def check_nonfinite(self, step):
-        """-> the number of skipped non-finite steps; stops the run after --max-nonfinite of them in a row."""
-        _, longest, total = (int(v) for v in self.nonfinite.tolist())
-        if longest >= self.args.max_nonfinite:
+    def check_nonfinite(self, step, final=False):
+        """-> the number of skipped non-finite steps; stops the run after --max-nonfinite of them in a row, and at
+        its end (final) if every step this process ran was skipped."""
+        streak, longest, total = (int(v) for v in self.nonfinite.tolist())
+        if longest >= self.args.max_nonfinite or final and 0 < self.steps_run <= streak:
             raise SystemExit(f"error: {longest} consecutive steps with a non-finite loss or gradient (seen by step "
                              f"{step}): training diverged; lower --base-lr, keep --clip-grad, or use --amp bf16/off; "
                              f"resume from the last checkpoint")
@@ -728,6 +750,7 @@ def pretrain(args, run):
         if run.stopping:
             run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
             return
+    trainer.check_nonfinite(args.epochs * steps_per_epoch, final=True)
     run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in {args.output}")
 
 

@@ -413,7 +413,6 @@ def test_pretrain_bad_input_is_one_line(tmp_path):
         (tmp_path / 'data', [], r'2 images make no full step of 4 images'),
         (tmp_path / 'data', ['--img-size', '72'], 'not divisible by the encoder stride 32'),
         (tmp_path / 'data', ['--mask-ratio', '0'], r'mask ratio must be in \(0, 1\)'),
-        (tmp_path / 'data', ['--accumulation-steps', '0'], 'accumulation-steps must be >= 1'),
     ]
     for path, extra, message in cases:
         with pytest.raises(SystemExit, match='^error: .*' + message):
@@ -897,6 +896,25 @@ def test_sigterm_to_the_whole_process_group_still_saves(tmp_path):
     assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['epoch'] == 1
 
 
+def test_a_crash_with_live_loader_workers_still_exits(tmp_path):
+    # The workers ignore SIGTERM, which Python's exit sends its daemonic children before waiting for them: a crash
+    # past a live loader (here the reader of the log goes away) waited forever before data.end_loader_workers.
+    write_images(tmp_path / 'data', 16)
+    command = [sys.executable, os.path.join(HERE, 'pretrain.py'), '--model', 'swin_tiny', '--img-size', '64',
+               '--mask-patch-size', '16', '--embed-dim', '8', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2',
+               '2', '4', '--data-path', str(tmp_path / 'data'), '--batch-size', '2', '--num-workers', '2',
+               '--epochs', '50', '--print-freq', '1', '--amp', 'off', '--output', str(tmp_path / 'run')]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(4):
+        proc.stdout.readline()
+    proc.stdout.close()  # the next log line fails with BrokenPipeError
+    try:
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     write_images(tmp_path / 'data', 8)
     real_save, saves = torch.save, []
@@ -1169,3 +1187,41 @@ def test_resume_refuses_other_optimization_flags_unless_accepted_and_switches_am
     assert 'resuming with changed settings (--accept-changes): --epochs 1 -> 2' in out and 'resumed from' in out
     run('--epochs', '3', '--accept-changes', '--amp', 'off')  # and back: the scaler's state is left behind
     assert [r['epoch'] for r in read_log(tmp_path / 'run') if 'epoch_loss' in r] == [0, 1, 2]
+
+
+def test_a_nan_loss_is_skipped_and_a_run_of_skipped_steps_never_ends_done(tmp_path, monkeypatch):
+    write_images(tmp_path / 'data', 8)
+    original = models.SimMIM.forward
+    monkeypatch.setattr(models.SimMIM, 'forward', lambda self, x, m: original(self, x, m) * float('nan'))
+    with pytest.raises(SystemExit, match='consecutive steps with a non-finite loss or gradient'):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '1'))  # 2 steps < --max-nonfinite
+    assert [r['nonfinite_steps'] for r in read_log(tmp_path / 'run') if 'step' in r] == [1, 2]
+    weights = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['model']
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize('flag, value, message', [
+    ('--save-freq', '0', 'argument --save-freq: must be at least 1, got 0'),
+    ('--clip-grad', '-1', 'argument --clip-grad: must be at least 0, got -1'),
+    ('--print-freq', '0', 'argument --print-freq: must be at least 1, got 0'),
+    ('--epochs', '0', 'argument --epochs: must be at least 1, got 0'),
+    ('--save-steps', '-1', 'argument --save-steps: must be at least 0, got -1'),
+    ('--img-size', '-64', 'argument --img-size: must be at least 1, got -64'),
+    ('--accumulation-steps', '0', 'argument --accumulation-steps: must be at least 1, got 0'),
+])
+def test_out_of_range_flags_are_one_line_errors(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.get_args_parser().parse_args([flag, value])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_the_image_scan_survives_link_cycles_fifos_and_hidden_folders(tmp_path):
+    write_images(tmp_path / 'data' / 'a', 2)
+    write_images(tmp_path / 'data' / 'b', 1)
+    os.symlink(tmp_path / 'data', tmp_path / 'data' / 'a' / 'up')  # a cycle: a/up/a/up/...
+    os.symlink(tmp_path / 'data' / 'b', tmp_path / 'data' / 'b' / 'self')
+    os.mkfifo(tmp_path / 'data' / 'a' / 'x.png')  # reading it would block forever
+    write_images(tmp_path / 'data' / '.ipynb_checkpoints', 1)
+    with pytest.warns(UserWarning, match='leads back to a folder already scanned'):
+        samples, classes = data.find_images(str(tmp_path / 'data'))
+    assert classes == ['a', 'b'] and len(samples) == 3

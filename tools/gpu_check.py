@@ -246,7 +246,8 @@ def host_syncs_item(cfg, out):
                 finally:
                     debug_mode('default')
             per_step = {k: v for k, v in sites.items() if v >= steps}
-            label = 'torchrun one-process NCCL' if distributed else 'single process'
+            label = ('torchrun one-process group' + (' (gloo)' if cfg['device'] else ' (NCCL)')) if distributed \
+                else 'single process'
             print(f"{label}: {steps} steps, host waits by line: {json.dumps(sites, indent=1)}")
             results.append((label, sum(sites.values()), per_step))
         finally:
