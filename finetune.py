@@ -243,6 +243,7 @@ def setup(args, run, source, resuming):
                                  f"a folder of its own")
         classes = datasets['train'].classes if 'train' in datasets else args.classes
         datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, classes)
+        datasets['val'].load(0)  # a readable validation image now, not after the first epoch
         args.classes = classes or datasets['val'].classes
         args.num_classes = args.num_classes or len(args.classes)
     if 'train' in datasets and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
@@ -274,6 +275,9 @@ def start(args, run):
             run.print(f"loaded {resume} (epoch {source.get('epoch')}, top-1 {source.get('acc1', float('nan')):.2f})")
         elif source:
             report = models.load_pretrained(model, source)
+            if (args.eval or args.predict) and any(k.startswith('head.') for k in report['missing']):
+                raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it "
+                                 f"first (--pretrained {resume}), then --eval or --predict with the result")
             dropped = ', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'
             run.print(f"{resume or args.pretrained}: {len(report['loaded'])} tensors loaded, "
                       f"{len(report['resized'])} position tables resized, new: {', '.join(report['missing']) or '-'}, "
@@ -337,7 +341,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     start_epoch, start_step, best = 0, 0, 0.
     if resume_state:
         check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth', TRAJECTORY + (
-            'layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
+            'pretrained', 'model', 'data_path', 'layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
             'reprob', 'scale', 'hflip'))
         trainer.load_state_dict(resume_state)
         (start_epoch, start_step), best = resume_position(resume_state, steps_per_epoch), resume_state['max_accuracy']
@@ -355,6 +359,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         return dict(model=model.state_dict(), **trainer.state_dict(),
                     epoch=epoch, step=step, args=vars(args), max_accuracy=best)
 
+    run.training = True  # from here a SIGTERM saves and stops after the current step
     for epoch in range(start_epoch, args.epochs):
         if train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run, state_fn,
                            start_step if epoch == start_epoch else 0) is None:

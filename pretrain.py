@@ -188,6 +188,7 @@ class Run:
         self.output = args.output
         self.sigterm = False  # schedulers send SIGTERM before preemption: save and stop after the current step
         self.stopping = False  # what stop_requested() last said, the same on every rank
+        self.training = False  # in the training loop, where a SIGTERM saves and stops after the step
         # the SIGTERM flag all ranks reduce: on the device, and its copy on the host (pinned, so copied without a wait)
         self.flag = torch.zeros((), device=self.device)
         self.flag_host = torch.zeros((), pin_memory=cuda)
@@ -195,6 +196,8 @@ class Run:
         self.previous_handler = signal.signal(signal.SIGTERM, self.on_sigterm)
 
     def on_sigterm(self, *_):
+        if not self.training:  # before the loop there is nothing to save: stop now
+            raise SystemExit("SIGTERM before training started: stopped; nothing was trained or saved")
         self.sigterm = True
 
     def stop_requested(self):
@@ -442,13 +445,24 @@ class Trainer:
 
 
 def save_atomic(write, path):
-    """write(file) into path.tmp, flush it to disk, then rename over path: path is always whole or absent."""
+    """write(file) into path.tmp, flush it to disk, then rename over path: path is always whole or absent. A failed
+    write (a full disk: torch reports it as a RuntimeError) removes path.tmp and stops the run in one line."""
     tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # SIGTERM before the loop, Ctrl-C: no .tmp left either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
+        reason = getattr(cause, 'strerror', None) or str(cause).splitlines()[0][:200]
+        raise SystemExit(f"error: could not write {path} ({reason}); the previous file is intact: free some space "
+                         f"(or fix the folder) and rerun the same command to resume") from None
 
 
 def save_checkpoint(run, state, keep=()):
@@ -456,13 +470,7 @@ def save_checkpoint(run, state, keep=()):
     if not run.main:
         return
     latest = os.path.join(run.output, 'checkpoint.pth')
-    try:
-        save_atomic(lambda f: torch.save(state, f), latest)
-    except OSError as e:
-        if os.path.exists(latest + '.tmp'):
-            os.remove(latest + '.tmp')
-        raise SystemExit(f"error: could not write {latest} ({e.strerror or e}); the previous checkpoint is intact: "
-                         f"free some space (or fix the folder) and rerun the same command to resume")
+    save_atomic(lambda f: torch.save(state, f), latest)
     for name in keep:
         path = os.path.join(run.output, name)
         try:
@@ -516,11 +524,12 @@ TRAJECTORY = ('epochs', 'warmup_epochs', 'base_lr', 'warmup_lr', 'min_lr', 'lr_s
 def check_resume_flags(run, args, saved, path, names=TRAJECTORY):
     """Refuse to resume path with other trajectory flags than it was trained with, unless --accept-changes."""
     shown = lambda n: 'the effective batch' if n == 'effective_batch' else '--' + n.replace('_', '-')
-    changed = [f"{shown(n)} {saved[n]} -> {getattr(args, n)}" for n in names
-               if n in saved and saved[n] != getattr(args, n)]
+    changed = [f"{shown(n)} {saved[n]} -> {getattr(args, n)}" for n in names  # unset (None): kept from the checkpoint
+               if n in saved and getattr(args, n) is not None and saved[n] != getattr(args, n)]
     if changed and not args.accept_changes:
         raise SystemExit(f"error: resuming '{path}' with other settings than it was trained with: {', '.join(changed)}; "
-                         f"rerun with the same flags, or add --accept-changes to continue on the new settings")
+                         f"rerun with the same flags, add --accept-changes to continue on the new settings, or start "
+                         f"afresh with another --output (or --no-auto-resume)")
     if changed:
         run.print(f"resuming with changed settings (--accept-changes): {', '.join(changed)}")
 
@@ -690,9 +699,10 @@ def pretrain(args, run):
     claim_output(run, args.output)
     torch.manual_seed(args.seed + run.rank)
     resume = find_resume(args)
+    ckpt = load_checkpoint(resume, args.allow_pickle) if resume else None
     source = load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained and not resume else None
-    if source:
-        inherit(args, source['args'])
+    if ckpt or source:  # a resumed run is the run it was: its model, architecture and normalisation
+        inherit(args, (ckpt or source)['args'])
     args.model = args.model or 'swin_base'
     try:
         model, normalize, mask_generator, dataset, loader, schedule = setup(args, run)
@@ -717,9 +727,8 @@ def pretrain(args, run):
 
     start_epoch, start_step = 0, 0
     if resume:
-        ckpt = load_checkpoint(resume, args.allow_pickle)
-        check_resume_flags(run, args, ckpt['args'], resume, TRAJECTORY + ('mask_patch_size', 'mask_ratio',
-                                                                         'norm_target_window'))
+        check_resume_flags(run, args, ckpt['args'], resume, TRAJECTORY + ('model', 'data_path', 'mask_patch_size',
+                                                                         'mask_ratio', 'norm_target_window'))
         load_model_state(model, ckpt['model'], resume)
         trainer.load_state_dict(ckpt)
         start_epoch, start_step = resume_position(ckpt, steps_per_epoch)
@@ -737,6 +746,7 @@ def pretrain(args, run):
     def state_fn(epoch, step):
         return dict(model=model.state_dict(), **trainer.state_dict(), epoch=epoch, step=step, args=vars(args))
 
+    run.training = True  # from here a SIGTERM saves and stops after the current step
     for epoch in range(start_epoch, args.epochs):
         if train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run, state_fn,
                            start_step if epoch == start_epoch else 0) is None:
