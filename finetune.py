@@ -260,8 +260,8 @@ def main(args):
 
 def start(args, run):
     """Load the model, then predict, measure, export, evaluate or fine-tune."""
-    resume = find_resume(args)
-    source = load_checkpoint(resume or args.pretrained, args.allow_pickle) if resume or args.pretrained else None
+    resume, source = find_resume(args, run)
+    source = source or (load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained else None)
     ours = bool(resume) and 'classes' in source['args']  # a finetune.py checkpoint, which can continue training
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")

@@ -16,11 +16,13 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import sys
 import time
 import warnings
+import zlib
 from contextlib import nullcontext
 
 import numpy as np
@@ -465,10 +467,34 @@ def save_atomic(write, path):
                          f"(or fix the folder) and rerun the same command to resume") from None
 
 
+def checksum(obj):
+    """CRC-32 of a checkpoint's payload: every tensor's bytes, shapes and dtypes, and every other value."""
+    crc, rest = 0, []
+
+    def walk(o):
+        nonlocal crc
+        if isinstance(o, torch.Tensor):
+            crc = zlib.crc32(o.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy(), crc)
+            rest.append(f'{tuple(o.shape)}{o.dtype}')
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                rest.append(repr(k))
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            rest.append(repr(o))
+    walk(obj)
+    return zlib.crc32(''.join(rest).encode(), crc)
+
+
 def save_checkpoint(run, state, keep=()):
-    """OUTPUT/checkpoint.pth, atomically, and the same under each name in keep (a hard link where the disk allows)."""
+    """OUTPUT/checkpoint.pth, atomically, with the checksum of its payload, and the same under each name in keep (a
+    hard link where the disk allows)."""
     if not run.main:
         return
+    state = dict(state, checksum=checksum(state))
     latest = os.path.join(run.output, 'checkpoint.pth')
     save_atomic(lambda f: torch.save(state, f), latest)
     for name in keep:
@@ -488,6 +514,10 @@ def resume_position(checkpoint, steps_per_epoch):
     return (checkpoint['epoch'] + 1, 0) if step >= steps_per_epoch else (checkpoint['epoch'], step)
 
 
+class CorruptCheckpoint(SystemExit):
+    pass
+
+
 def load_checkpoint(path, allow_pickle=False):
     """Any supported checkpoint (models.read_checkpoint); its 'args' are read off the weights when it has none."""
     try:
@@ -497,6 +527,10 @@ def load_checkpoint(path, allow_pickle=False):
     except Exception as e:
         raise SystemExit(f"error: cannot load checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          f"it is truncated or not a PyTorch checkpoint")
+    if 'checksum' in checkpoint and checkpoint.pop('checksum') != checksum(checkpoint):
+        raise CorruptCheckpoint(f"error: checkpoint '{path}' is corrupted: its contents do not match the checksum "
+                                f"saved with them (a bad copy or failing storage); resume from an earlier one "
+                                f"(--resume OUTPUT/ckpt_epoch_N.pth)")
     if not isinstance(checkpoint.get('args'), dict):
         try:
             checkpoint['args'] = models.infer_arch(models.to_timm_layout(checkpoint)[0])
@@ -534,14 +568,24 @@ def check_resume_flags(run, args, saved, path, names=TRAJECTORY):
         run.print(f"resuming with changed settings (--accept-changes): {', '.join(changed)}")
 
 
-def find_resume(args):
-    """--resume, else OUTPUT/checkpoint.pth when auto-resume is on and it exists, else None."""
+def find_resume(args, run):
+    """The checkpoint to resume, loaded: --resume, else OUTPUT/checkpoint.pth when auto-resume is on and it exists.
+    Auto-resume passes over a corrupted checkpoint for the newest intact one, saying so. -> (path, checkpoint) or
+    (None, None)."""
     if args.resume:
         if not os.path.isfile(args.resume):
             raise SystemExit(f"error: --resume '{args.resume}' does not exist")
-        return args.resume
+        return args.resume, load_checkpoint(args.resume, args.allow_pickle)
     latest = os.path.join(args.output, 'checkpoint.pth')
-    return latest if args.auto_resume and os.path.isfile(latest) else None
+    if not args.auto_resume or not os.path.isfile(latest):
+        return None, None
+    numbered = [f for f in os.listdir(args.output) if re.fullmatch(r'ckpt_epoch_\d+\.pth', f)]
+    for path in [latest] + [os.path.join(args.output, f) for f in sorted(numbered, key=lambda f: -int(f[11:-4]))]:
+        try:
+            return path, load_checkpoint(path, args.allow_pickle)
+        except CorruptCheckpoint as e:
+            run.print(f"{str(e)[len('error: '):].split(';')[0]}: passed over")
+    raise SystemExit(f"error: every checkpoint in {args.output} is corrupted; start afresh with --no-auto-resume")
 
 
 def load_model_state(model, state, path):
@@ -698,8 +742,7 @@ def main(args):
 def pretrain(args, run):
     claim_output(run, args.output)
     torch.manual_seed(args.seed + run.rank)
-    resume = find_resume(args)
-    ckpt = load_checkpoint(resume, args.allow_pickle) if resume else None
+    resume, ckpt = find_resume(args, run)
     source = load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained and not resume else None
     if ckpt or source:  # a resumed run is the run it was: its model, architecture and normalisation
         inherit(args, (ckpt or source)['args'])

@@ -1289,3 +1289,34 @@ def test_unreadable_validation_images_are_refused_before_training(tmp_path):
             '--num-heads', '1', '2', '2', '4', '--data-path', str(tmp_path / 'data'), '--num-workers', '0',
             '--amp', 'off', '--batch-size', '2', '--epochs', '1', '--output', str(tmp_path / 'ft')]))
     assert not os.path.exists(tmp_path / 'ft' / 'checkpoint.pth')
+
+
+def flip_bytes_in_the_largest_tensor(path):
+    """64 bytes flipped in the middle of the checkpoint's largest tensor, size unchanged (a bad copy)."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, 'r+b') as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack('<HH', f.read(4))
+        start = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+        f.seek(start)
+        chunk = f.read(64)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def test_a_corrupted_checkpoint_is_never_trained_from(tmp_path, capsys):
+    write_images(tmp_path / 'data', 8)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))  # 2 epochs: ckpt_epoch_0.pth, ckpt_epoch_1.pth
+    flip_bytes_in_the_largest_tensor(tmp_path / 'run' / 'checkpoint.pth')  # and ckpt_epoch_1.pth, its hard link
+    with pytest.raises(SystemExit, match=r"checkpoint '.*checkpoint.pth' is corrupted: its contents do not match"):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--resume',
+                                    str(tmp_path / 'run' / 'checkpoint.pth')))
+    capsys.readouterr()
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '3', '--accept-changes'))
+    out = capsys.readouterr().out
+    assert 'checkpoint.pth\' is corrupted' in out and 'passed over' in out
+    assert re.search(r"resumed from .*ckpt_epoch_0.pth at epoch 1", out)
+    assert [r['epoch'] for r in read_log(tmp_path / 'run') if 'epoch_loss' in r][-2:] == [1, 2]
