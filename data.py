@@ -204,6 +204,10 @@ class ImageDataset(Dataset):
         self.root = root
         samples, self.classes = find_images(root)
         if classes is not None:  # e.g. val/ labelled with train/'s class indices
+            stray = [p for p, _ in samples if os.sep not in os.path.relpath(p, root)]
+            if stray:
+                raise ValueError(f"'{root}' has images outside the class folders (e.g. {stray[0]}): put each in "
+                                 f"the folder of its class")
             unknown = sorted(set(self.classes) - set(classes))
             if unknown:
                 raise ValueError(f"'{root}' has class folders that the training set lacks: {', '.join(unknown[:5])}")

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -190,19 +191,24 @@ def throughput(model, args, run, amp_context, steps=10):
 def predict(model, paths, classes, transform, in_chans, run, amp_context, k=5):
     files = []
     for path in paths:
-        files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
+        if not os.path.exists(path):
+            raise SystemExit(f"error: --predict '{path}' does not exist")
+        try:
+            files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}")
     model.eval()
     for path in files:
         try:
             image = transform(data.load_image(path, in_chans))[None].to(run.device)
-        except (OSError, ValueError) as e:
-            run.print(f"{path}: unreadable ({e})")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            print(f"{os.fsencode(path).decode(errors='replace')}: unreadable ({e})", flush=True)
             continue
         with amp_context:
             probs = model(image).float().softmax(1)[0]
         top = probs.topk(min(k, len(probs)))
-        print(f"{path}: " + ', '.join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(),
-                                                                                  top.indices.tolist())))
+        shown = ', '.join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"{os.fsencode(path).decode(errors='replace')}: {shown}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,12 +245,16 @@ def setup(args, run, source, resuming):
                                                   args.in_chans, classes=args.classes)
             datasets['train'].load(0)  # at least one readable image
             if not datasets['train'].classes:
-                raise ValueError(f"'{args.data_path}/train' has no class folders: put each class's images in "
-                                 f"a folder of its own")
+                raise ValueError(f"'{args.data_path}/train' has no class folders, or images outside them: put each "
+                                 f"class's images in a folder of its own")
         classes = datasets['train'].classes if 'train' in datasets else args.classes
         datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, classes)
         datasets['val'].load(0)  # a readable validation image now, not after the first epoch
         args.classes = classes or datasets['val'].classes
+        if args.num_classes and len(args.classes or ()) > args.num_classes:  # labels past the classifier's outputs
+            raise ValueError(f"{args.num_classes} classes (--num-classes or the checkpoint's), but "
+                             f"{len(args.classes)} class folders ({', '.join(args.classes[:5])}"
+                             f"{', ...' if len(args.classes) > 5 else ''}); leave --num-classes out to count the folders")
         args.num_classes = args.num_classes or len(args.classes)
     if 'train' in datasets and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")

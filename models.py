@@ -233,6 +233,9 @@ def model_kwargs(name, img_size, pretrain, **overrides):
         kw.update(patch_size=4, window_size=img_size // window_div)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if family != VIT:
+        if len(kw['num_heads']) != len(kw['depths']):
+            raise ValueError(f"{len(kw['depths'])} stages (depths {tuple(kw['depths'])}) need as many head counts, "
+                             f"got num_heads {tuple(kw['num_heads'])}")
         check_swin_sizes(kw['img_size'], kw['patch_size'], len(kw['depths']), kw['window_size'])
     elif kw['img_size'] % kw['patch_size']:
         raise ValueError(f"image size {kw['img_size']} is not divisible by the patch size {kw['patch_size']}")

@@ -9,6 +9,7 @@ Defaults are the paper's Swin-B recipe: 192px, window 6, 100 epochs, lr 2e-4 per
 import argparse
 import ctypes
 import datetime
+import errno
 import fcntl
 import inspect
 import itertools
@@ -179,6 +180,11 @@ class Run:
         self.world_size = int(os.environ['WORLD_SIZE']) if self.distributed else 1
         self.rank = int(os.environ['RANK']) if self.distributed else 0
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if args.device is not None and not re.fullmatch(r'cpu|cuda(:\d+)?', args.device):
+            raise SystemExit(f"error: --device '{args.device}': use cuda, cuda:N or cpu")
+        if args.device is not None and args.device.startswith('cuda') and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but torch sees no GPU here; use --device cpu or a CUDA build of "
+                             "torch on a machine with a GPU")
         cuda = torch.cuda.is_available() if args.device is None else args.device.startswith('cuda')
         self.device = torch.device(f'cuda:{self.local_rank}' if cuda else 'cpu')
         if cuda:
@@ -463,8 +469,9 @@ def save_atomic(write, path):
             raise
         cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
         reason = getattr(cause, 'strerror', None) or str(cause).splitlines()[0][:200]
-        raise SystemExit(f"error: could not write {path} ({reason}); the previous file is intact: free some space "
-                         f"(or fix the folder) and rerun the same command to resume") from None
+        fix = 'free some space' if getattr(cause, 'errno', None) == errno.ENOSPC else 'fix the path or the folder'
+        raise SystemExit(f"error: could not write {path} ({reason}); the previous file is intact: {fix} and rerun "
+                         f"the same command") from None
 
 
 def checksum(obj):
@@ -520,6 +527,8 @@ class CorruptCheckpoint(SystemExit):
 
 def load_checkpoint(path, allow_pickle=False):
     """Any supported checkpoint (models.read_checkpoint); its 'args' are read off the weights when it has none."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint '{path}' does not exist")
     try:
         checkpoint = models.read_checkpoint(path, allow_pickle)
     except ValueError as e:
@@ -527,6 +536,8 @@ def load_checkpoint(path, allow_pickle=False):
     except Exception as e:
         raise SystemExit(f"error: cannot load checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          f"it is truncated or not a PyTorch checkpoint")
+    if not isinstance(checkpoint, dict):
+        raise SystemExit(f"error: '{path}' holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)")
     if 'checksum' in checkpoint and checkpoint.pop('checksum') != checksum(checkpoint):
         raise CorruptCheckpoint(f"error: checkpoint '{path}' is corrupted: its contents do not match the checksum "
                                 f"saved with them (a bad copy or failing storage); resume from an earlier one "

@@ -1320,3 +1320,33 @@ def test_a_corrupted_checkpoint_is_never_trained_from(tmp_path, capsys):
     assert 'checkpoint.pth\' is corrupted' in out and 'passed over' in out
     assert re.search(r"resumed from .*ckpt_epoch_0.pth at epoch 1", out)
     assert [r['epoch'] for r in read_log(tmp_path / 'run') if 'epoch_loss' in r][-2:] == [1, 2]
+
+
+def test_plausible_mistakes_are_one_line_errors(tmp_path):
+    write_classes(tmp_path / 'data' / 'train', 2)
+    write_classes(tmp_path / 'data' / 'val', 1)
+    write_images(tmp_path / 'data' / 'val', 1)  # a stray image beside the class folders
+    os.makedirs(tmp_path / 'empty')
+    torch.save([1, 2], tmp_path / 'list.pth')
+    tiny = ['--model', 'swin_tiny', '--img-size', '64', '--embed-dim', '8', '--num-workers', '0', '--amp', 'off',
+            '--output', str(tmp_path / 'out')]
+    cases = [
+        (pretrain, tiny + ['--device', 'gpu'], "--device 'gpu': use cuda, cuda:N or cpu"),
+        (pretrain, tiny + ['--depths', '1', '1', '1', '1', '--num-heads', '1', '1'], '4 stages .* need as many head'),
+        (pretrain, tiny + ['--pretrained', str(tmp_path / 'nowhere.pth')], "checkpoint '.*nowhere.pth' does not exist"),
+        (pretrain, tiny + ['--pretrained', str(tmp_path / 'list.pth')], "holds a list, not a checkpoint"),
+        (finetune, tiny + ['--data-path', str(tmp_path / 'data')], "images outside the class folders .e.g. .*img0.png."),
+        (finetune, ['--predict', str(tmp_path / 'empty'), '--resume',
+                    os.path.join(FIXTURES, 'ms_finetune_swin_w7_224.pth'), '--amp', 'off'], 'no images'),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((pretrain, tiny + ['--device', 'cuda'], 'torch sees no GPU here'))
+    for script, argv, message in cases:
+        with pytest.raises(SystemExit, match='^error: .*' + message):
+            script.main(script.get_args_parser().parse_args(argv))
+    four = tmp_path / 'four'
+    for split in ('train', 'val'):
+        for label in 'abcd':
+            write_images(four / split / label, 1)
+    with pytest.raises(SystemExit, match='^error: 2 classes .--num-classes or the checkpoint.s., but 4 class folders'):
+        finetune.main(finetune.get_args_parser().parse_args(tiny + ['--data-path', str(four), '--num-classes', '2']))
