@@ -133,9 +133,12 @@ def load_image(path, in_chans=3):
             img = ImageOps.exif_transpose(img)
     if img.mode.startswith('I'):
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-    elif img.mode == 'F':
+    elif img.mode == 'F':  # its own range, NaN pixels black
         a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((255 * (a - a.min()) / max(a.max() - a.min(), 1e-12)).astype(np.uint8))
+        finite = a[np.isfinite(a)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0., 1.)
+        a = np.nan_to_num(np.clip(a, low, high), nan=low)
+        img = Image.fromarray((255 * (a - low) / max(high - low, 1e-12)).astype(np.uint8))
     if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
         img = img.convert('RGBA')
         img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)

@@ -584,7 +584,7 @@ def find_resume(args, run):
     Auto-resume passes over a corrupted checkpoint for the newest intact one, saying so. -> (path, checkpoint) or
     (None, None)."""
     if args.resume:
-        if not os.path.isfile(args.resume):
+        if not os.path.exists(args.resume):  # a file, or a Hugging Face model folder
             raise SystemExit(f"error: --resume '{args.resume}' does not exist")
         return args.resume, load_checkpoint(args.resume, args.allow_pickle)
     latest = os.path.join(args.output, 'checkpoint.pth')

@@ -1350,3 +1350,11 @@ def test_plausible_mistakes_are_one_line_errors(tmp_path):
             write_images(four / split / label, 1)
     with pytest.raises(SystemExit, match='^error: 2 classes .--num-classes or the checkpoint.s., but 4 class folders'):
         finetune.main(finetune.get_args_parser().parse_args(tiny + ['--data-path', str(four), '--num-classes', '2']))
+
+
+def test_a_float_image_with_a_nan_pixel_keeps_its_contrast(tmp_path):
+    a = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    a[0, 0] = np.nan
+    Image.fromarray(a, mode='F').save(tmp_path / 'nan.tif')
+    img = np.asarray(data.load_image(tmp_path / 'nan.tif', 1))
+    assert img[0, 0] == 0 and img.max() == 255 and 130 < img[5, 5] < 150  # before: all black
