@@ -134,6 +134,21 @@ def pretrained_windows(saved):
     return [min(kw['window_size'], res // 2 ** i) for i in range(len(kw['depths']))]
 
 
+def timm_state(model):
+    """The classifier's state dict for timm: a linear probe's BatchNorm (no affine) folded into its linear head, which
+    gives the same logits from timm's plain linear head."""
+    state = model.state_dict()
+    head = 'head.fc.' if 'head.fc.1.weight' in state else 'head.'
+    if head + '1.weight' in state:
+        norm = model.head.fc[0] if head == 'head.fc.' else model.head[0]
+        scale = (state.pop(head + '0.running_var') + norm.eps).rsqrt()
+        mean = state.pop(head + '0.running_mean')
+        state.pop(head + '0.num_batches_tracked', None)
+        weight = state.pop(head + '1.weight') * scale
+        state[head + 'weight'], state[head + 'bias'] = weight, state.pop(head + '1.bias') - weight @ mean
+    return state
+
+
 def timm_command(args):
     """The timm.create_model call that builds the same model as build_classifier(args) and loads args.export."""
     family, kw = models.model_kwargs(args.model, args.img_size, False, **arch_overrides(args),
@@ -244,6 +259,12 @@ def setup(args, run, source, resuming):
             datasets['train'] = data.ImageDataset(os.path.join(args.data_path, 'train'), train_transform,
                                                   args.in_chans, classes=args.classes)
             datasets['train'].load(0)  # at least one readable image
+            folders = [d.name for d in os.scandir(os.path.join(args.data_path, 'train'))
+                       if d.is_dir() and not d.name.startswith('.')]
+            empty = sorted(set(folders) - set(datasets['train'].classes))
+            if datasets['train'].classes and empty:
+                raise ValueError(f"class folder(s) without images in '{args.data_path}/train': {', '.join(empty[:5])}; "
+                                 f"add images or remove the folder")
             if not datasets['train'].classes:
                 raise ValueError(f"'{args.data_path}/train' has no class folders, or images outside them: put each "
                                  f"class's images in a folder of its own")
@@ -296,7 +317,7 @@ def start(args, run):
         raise SystemExit(f"error: {e}")
     if args.export:
         if run.main:
-            save_atomic(lambda f: torch.save(model.state_dict(), f), args.export)
+            save_atomic(lambda f: torch.save(timm_state(model), f), args.export)
             run.print(f"wrote {args.export}; in timm: {timm_command(args)}")
         return
     model.to(run.device)

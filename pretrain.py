@@ -533,9 +533,9 @@ def load_checkpoint(path, allow_pickle=False):
         checkpoint = models.read_checkpoint(path, allow_pickle)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    except Exception as e:
-        raise SystemExit(f"error: cannot load checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         f"it is truncated or not a PyTorch checkpoint")
+    except Exception as e:  # torch's own text for a file that is no checkpoint advises weights_only=False: not shown
+        why = 'not a PyTorch file' if 'pickl' in type(e).__name__.lower() else str(e).splitlines()[0]
+        raise SystemExit(f"error: cannot load checkpoint '{path}' ({why}); it is truncated or not a PyTorch checkpoint")
     if not isinstance(checkpoint, dict):
         raise SystemExit(f"error: '{path}' holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)")
     if 'checksum' in checkpoint and checkpoint.pop('checksum') != checksum(checkpoint):

@@ -1,10 +1,12 @@
 """Tests on CPU with tiny models and generated images: python -m pytest -q test_smoke.py"""
+import argparse
 import copy
 import json
 import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -684,6 +686,15 @@ def test_linear_probe_trains_only_the_head(finetuned, tmp_path, capsys):
     assert torch.equal(probe['model']['layers.2.blocks.0.mlp.fc1.weight'], pre['encoder.layers.2.blocks.0.mlp.fc1.weight'])
     assert 'head.fc.0.running_mean' in probe['model']  # the BatchNorm
     assert 'swin_tiny: 130 trainable parameters' in capsys.readouterr().out  # Linear(64, 2)
+    finetune.main(finetune.get_args_parser().parse_args([  # in timm: the BatchNorm folded into a plain linear head
+        '--resume', str(tmp_path / 'lp' / 'checkpoint.pth'), '--export', str(tmp_path / 'lp.pth')]))
+    import timm  # noqa: F401 (the printed command uses it)
+    exported = eval(capsys.readouterr().out.split('in timm: ')[1].strip()).eval()
+    ours = finetune.build_model(argparse.Namespace(**probe['args'])).eval()
+    ours.load_state_dict(probe['model'])
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), ours(x), atol=1e-5, rtol=1e-5)
 
 
 def test_finetune_bad_input_is_one_line(finetuned, tmp_path):
@@ -1339,6 +1350,12 @@ def test_plausible_mistakes_are_one_line_errors(tmp_path):
         (finetune, ['--predict', str(tmp_path / 'empty'), '--resume',
                     os.path.join(FIXTURES, 'ms_finetune_swin_w7_224.pth'), '--amp', 'off'], 'no images'),
     ]
+    (tmp_path / 'photo.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(100))
+    cases.append((pretrain, tiny + ['--pretrained', str(tmp_path / 'photo.png')], r"photo.png' .not a PyTorch file."))
+    os.makedirs(tmp_path / 'gap' / 'val')
+    shutil.copytree(tmp_path / 'data' / 'train', tmp_path / 'gap' / 'train')
+    os.makedirs(tmp_path / 'gap' / 'train' / 'green')
+    cases.append((finetune, tiny + ['--data-path', str(tmp_path / 'gap')], "class folder.s. without images in .*: green"))
     if not torch.cuda.is_available():
         cases.append((pretrain, tiny + ['--device', 'cuda'], 'torch sees no GPU here'))
     for script, argv, message in cases:
