@@ -306,6 +306,8 @@ def ignore_sigterm(worker_id):
 def end_loader_workers():
     """Python ends daemonic children at exit with SIGTERM and waits for them; loader workers ignore SIGTERM, so a
     process leaving past a live loader (an error, Ctrl-C) would wait forever. SIGKILL them first instead."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would report their deaths as errors
+    for child in children:
+        child.kill()

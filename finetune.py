@@ -303,7 +303,8 @@ def start(args, run):
         model, normalize, datasets = setup(args, run, source, resuming=bool(resume))
         if ours:
             load_model_state(model, source['model'], resume)
-            run.print(f"loaded {resume} (epoch {source.get('epoch')}, top-1 {source.get('acc1', float('nan')):.2f})")
+            run.print(f"loaded {resume} (epoch {source.get('epoch')}"
+                      + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))
         elif source:
             report = models.load_pretrained(model, source)
             if (args.eval or args.predict) and any(k.startswith('head.') for k in report['missing']):

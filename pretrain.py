@@ -306,6 +306,8 @@ def launch(body, args):
     except RuntimeError as e:
         run.fail_on_lost_peer(e)
     except KeyboardInterrupt:
+        if not run.training:
+            raise SystemExit("interrupted (Ctrl-C) before training started: nothing was trained") from None
         raise SystemExit(f"interrupted (Ctrl-C): the checkpoints in {args.output} are whole; rerun the same command "
                          f"to resume from the last one") from None
     finally:
@@ -470,8 +472,8 @@ def save_atomic(write, path):
         cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
         reason = getattr(cause, 'strerror', None) or str(cause).splitlines()[0][:200]
         fix = 'free some space' if getattr(cause, 'errno', None) == errno.ENOSPC else 'fix the path or the folder'
-        raise SystemExit(f"error: could not write {path} ({reason}); the previous file is intact: {fix} and rerun "
-                         f"the same command") from None
+        kept = '; the previous file is intact' if os.path.exists(path) else ''
+        raise SystemExit(f"error: could not write {path} ({reason}){kept}: {fix} and rerun the same command") from None
 
 
 def checksum(obj):
@@ -522,7 +524,7 @@ def resume_position(checkpoint, steps_per_epoch):
 
 
 class CorruptCheckpoint(SystemExit):
-    pass
+    """A checkpoint that cannot be read whole: auto-resume passes over it."""
 
 
 def load_checkpoint(path, allow_pickle=False):
@@ -531,11 +533,15 @@ def load_checkpoint(path, allow_pickle=False):
         raise SystemExit(f"error: checkpoint '{path}' does not exist")
     try:
         checkpoint = models.read_checkpoint(path, allow_pickle)
+    except UnicodeDecodeError:  # a ValueError too, but from a damaged file
+        raise CorruptCheckpoint(f"error: cannot load checkpoint '{path}' (unreadable header); it is truncated, "
+                                f"corrupted or not a PyTorch checkpoint") from None
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     except Exception as e:  # torch's own text for a file that is no checkpoint advises weights_only=False: not shown
-        why = 'not a PyTorch file' if 'pickl' in type(e).__name__.lower() else str(e).splitlines()[0]
-        raise SystemExit(f"error: cannot load checkpoint '{path}' ({why}); it is truncated or not a PyTorch checkpoint")
+        why = 'not a PyTorch file' if 'pickl' in type(e).__name__.lower() else str(e).splitlines()[0].split('. ')[0]
+        raise CorruptCheckpoint(f"error: cannot load checkpoint '{path}' ({why}); it is truncated, corrupted or not "
+                                f"a PyTorch checkpoint") from None
     if not isinstance(checkpoint, dict):
         raise SystemExit(f"error: '{path}' holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)")
     if 'checksum' in checkpoint and checkpoint.pop('checksum') != checksum(checkpoint):
@@ -754,6 +760,9 @@ def pretrain(args, run):
     claim_output(run, args.output)
     torch.manual_seed(args.seed + run.rank)
     resume, ckpt = find_resume(args, run)
+    if ckpt and not ('optimizer' in ckpt and 'mask_ratio' in ckpt['args']):
+        raise SystemExit(f"error: '{resume}' is no pretrain.py checkpoint, so pretraining cannot resume from it; start "
+                         f"from its weights with --pretrained")
     source = load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained and not resume else None
     if ckpt or source:  # a resumed run is the run it was: its model, architecture and normalisation
         inherit(args, (ckpt or source)['args'])
@@ -781,8 +790,9 @@ def pretrain(args, run):
 
     start_epoch, start_step = 0, 0
     if resume:
-        check_resume_flags(run, args, ckpt['args'], resume, TRAJECTORY + ('model', 'data_path', 'mask_patch_size',
-                                                                         'mask_ratio', 'norm_target_window'))
+        check_resume_flags(run, args, ckpt['args'], resume, TRAJECTORY + ('pretrained', 'model', 'data_path',
+                                                                         'mask_patch_size', 'mask_ratio',
+                                                                         'norm_target_window'))
         load_model_state(model, ckpt['model'], resume)
         trainer.load_state_dict(ckpt)
         start_epoch, start_step = resume_position(ckpt, steps_per_epoch)

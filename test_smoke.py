@@ -1268,6 +1268,12 @@ def test_a_rerun_of_continued_pretraining_resumes_it(finetuned, tmp_path, capsys
     pretrain.main(pretrain.get_args_parser().parse_args(command + ['--epochs', '2', '--accept-changes']))
     out = capsys.readouterr().out
     assert 'resumed from' in out and 'swin_tiny' in out
+    with pytest.raises(SystemExit, match=r"--pretrained .*pre/checkpoint.pth -> .*more/ckpt_epoch_1.pth"):
+        pretrain.main(pretrain.get_args_parser().parse_args(  # another start into the same folder
+            command[2:] + ['--pretrained', str(tmp_path / 'more' / 'ckpt_epoch_1.pth'), '--epochs', '2']))
+    with pytest.raises(SystemExit, match=r"is no pretrain.py checkpoint, so pretraining cannot resume from it"):
+        pretrain.main(pretrain.get_args_parser().parse_args(
+            command[2:] + ['--resume', str(finetuned / 'ft' / 'checkpoint.pth'), '--output', str(tmp_path / 'x')]))
     saved = torch.load(tmp_path / 'more' / 'checkpoint.pth', weights_only=True)['args']
     assert saved['epochs'] == 2 and saved['mean'] == [.5, .5, .5] and saved['embed_dim'] == 8
 
@@ -1331,6 +1337,16 @@ def test_a_corrupted_checkpoint_is_never_trained_from(tmp_path, capsys):
     assert 'checkpoint.pth\' is corrupted' in out and 'passed over' in out
     assert re.search(r"resumed from .*ckpt_epoch_0.pth at epoch 1", out)
     assert [r['epoch'] for r in read_log(tmp_path / 'run') if 'epoch_loss' in r][-2:] == [1, 2]
+    latest = tmp_path / 'run' / 'checkpoint.pth'
+    with open(latest, 'r+b') as f:  # a damaged header, then a truncated file: passed over too
+        f.seek(100)
+        f.write(b'\xff' * 8)
+    with pytest.raises(SystemExit, match=r"^error: cannot load checkpoint '.*checkpoint.pth' .* truncated, corrupted"):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--resume', str(latest)))
+    os.truncate(latest, os.path.getsize(latest) // 2)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '3', '--accept-changes'))
+    out = capsys.readouterr().out
+    assert 'passed over' in out and re.search(r"resumed from .*ckpt_epoch_1.pth at epoch 2", out)  # 2: a link
 
 
 def test_plausible_mistakes_are_one_line_errors(tmp_path):
