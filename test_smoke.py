@@ -886,17 +886,21 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def pretrain_command(tmp_path, epochs):
+    """A tiny pretraining in a process of its own, with 2 loader workers, on tmp_path/data."""
+    return [sys.executable, os.path.join(HERE, 'pretrain.py'), '--model', 'swin_tiny', '--img-size', '64',
+            '--mask-patch-size', '16', '--embed-dim', '8', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2', '2',
+            '4', '--data-path', str(tmp_path / 'data'), '--batch-size', '2', '--num-workers', '2', '--epochs', epochs,
+            '--print-freq', '1', '--amp', 'off', '--output', str(tmp_path / 'run')]
+
+
 def test_sigterm_to_the_whole_process_group_still_saves(tmp_path):
     # Schedulers signal every process of a job: the loader workers get SIGTERM too. Before they ignored it, their death
     # ended the run with "DataLoader worker ... is killed by signal: Terminated" and no checkpoint of the epoch.
     import signal
     write_images(tmp_path / 'data', 40)
-    command = [sys.executable, os.path.join(HERE, 'pretrain.py'), '--model', 'swin_tiny', '--img-size', '64',
-               '--mask-patch-size', '16', '--embed-dim', '8', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2',
-               '2', '4', '--data-path', str(tmp_path / 'data'), '--batch-size', '2', '--num-workers', '2',
-               '--epochs', '30', '--print-freq', '1', '--amp', 'off', '--output', str(tmp_path / 'run')]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(pretrain_command(tmp_path, '30'), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     output = []
     for line in proc.stdout:
         output.append(line)
@@ -911,11 +915,8 @@ def test_a_crash_with_live_loader_workers_still_exits(tmp_path):
     # The workers ignore SIGTERM, which Python's exit sends its daemonic children before waiting for them: a crash
     # past a live loader (here the reader of the log goes away) waited forever before data.end_loader_workers.
     write_images(tmp_path / 'data', 16)
-    command = [sys.executable, os.path.join(HERE, 'pretrain.py'), '--model', 'swin_tiny', '--img-size', '64',
-               '--mask-patch-size', '16', '--embed-dim', '8', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2',
-               '2', '4', '--data-path', str(tmp_path / 'data'), '--batch-size', '2', '--num-workers', '2',
-               '--epochs', '50', '--print-freq', '1', '--amp', 'off', '--output', str(tmp_path / 'run')]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(pretrain_command(tmp_path, '50'), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     for _ in range(4):
         proc.stdout.readline()
     proc.stdout.close()  # the next log line fails with BrokenPipeError
