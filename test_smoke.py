@@ -1047,7 +1047,7 @@ def test_cpu_settings_flush_denormals_and_keep_freed_memory():
 
 
 def test_benchmark_script_runs(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, 'benchmark.py'), *a], capture_output=True,
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, 'tools', 'benchmark.py'), *a], capture_output=True,
                                     text=True, timeout=300)
     steps = run('--model', 'swin_tiny', '--img-size', '64', '--batch-size', '2', '--steps', '1', '--warmup', '0',
                 '--amp', 'off')

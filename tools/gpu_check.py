@@ -262,7 +262,7 @@ def benchmark_item(cfg, out, model, official, impls, amps, rounds, tag):
     rows = []
     for name, extra in [model]:
         path = os.path.join(out, f'{tag}_{name}.json')
-        cmd = python('benchmark.py', '--model', name, *extra, '--batch-size', str(cfg['bench_batch']), '--amp',
+        cmd = python('tools/benchmark.py', '--model', name, *extra, '--batch-size', str(cfg['bench_batch']), '--amp',
                      *amps, '--impls', *impls, '--rounds', str(rounds), '--steps', str(cfg['bench_steps']),
                      '--warmup', '5' if tag == 'benchmark' else '8', '--json', path, *cfg['device'],
                      *(['--official', official] if official else []))
@@ -285,7 +285,7 @@ def benchmark_item(cfg, out, model, official, impls, amps, rounds, tag):
 
 def data_item(cfg, out):
     path = os.path.join(out, 'data.json')
-    result = subprocess.run(python('benchmark.py', '--data', '--num-workers', str(cfg['workers']), '--images',
+    result = subprocess.run(python('tools/benchmark.py', '--data', '--num-workers', str(cfg['workers']), '--images',
                                    str(cfg['data_images']), '--json', path), capture_output=True, text=True)
     print(result.stdout + result.stderr[-3000:], flush=True)
     if result.returncode:
@@ -326,6 +326,7 @@ def run_item(name, cfg, args):
 def prepare(cfg, out):
     """Generated ImageNet-size JPEGs: a folder for pretraining, and two classes in train/ and val/ for fine-tuning."""
     sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
     import benchmark
     if not os.path.isdir(os.path.join(out, 'images')):
         benchmark.write_jpegs(os.path.join(out, 'images'), cfg['images'])

@@ -1,9 +1,9 @@
 """Benchmarks: the SimMIM training step, side by side with microsoft/SimMIM's, and the data pipeline.
 
-    python benchmark.py --model swin_base --batch-size 8 --amp bf16 off          # our training step, one row per AMP
-    python benchmark.py --official ../SimMIM --amp bf16 off --rounds 3           # ours and the official, ratios
-    python benchmark.py --impls ours ours-compile --amp bf16                     # eager against torch.compile
-    python benchmark.py --data --num-workers 2                                   # decoded, augmented, masked images/s
+    python tools/benchmark.py --model swin_base --batch-size 8 --amp bf16 off          # our training step, one row per AMP
+    python tools/benchmark.py --official ../SimMIM --amp bf16 off --rounds 3           # ours and the official, ratios
+    python tools/benchmark.py --impls ours ours-compile --amp bf16                     # eager against torch.compile
+    python tools/benchmark.py --data --num-workers 2                                   # decoded, augmented, masked images/s
 
 A training step is forward, backward and the optimizer on fixed random images and SimMIM masks, as each code base runs
 it: ours is pretrain.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the mean of
@@ -34,10 +34,11 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
-import models
-import pretrain
-from pretrain import autocast
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts, one folder up
+import data  # noqa: E402
+import models  # noqa: E402
+import pretrain  # noqa: E402
+from pretrain import autocast  # noqa: E402
 
 
 def get_args_parser():

@@ -1,6 +1,6 @@
 """Repeated SIGKILL test of pretrain.py (not part of the test suite; a few minutes on a laptop CPU).
 
-    python killtest.py --kills 12
+    python tools/killtest.py --kills 12
 
 Trains a tiny model on generated images once without interruption, then again with a checkpoint after every step
 (--save-steps 1) while killing it with SIGKILL at random moments, half of them the instant a checkpoint is being
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts
 
 
 def command(data_path, output):
-    return [sys.executable, os.path.join(HERE, 'pretrain.py'), '--model', 'swin_tiny', '--img-size', '64',
+    return [sys.executable, os.path.join(ROOT, 'pretrain.py'), '--model', 'swin_tiny', '--img-size', '64',
             '--mask-patch-size', '16', '--embed-dim', '16', '--depths', '1', '1', '2', '1', '--data-path', data_path,
             '--batch-size', '4', '--num-workers', '0', '--epochs', '80', '--warmup-epochs', '1', '--base-lr', '0.5',
             '--save-steps', '1', '--print-freq', '1000', '--amp', 'off', '--output', output]
