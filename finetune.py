@@ -22,10 +22,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import data
 import models
-from pretrain import (AMOUNT, ARCH, COUNT, SIZE, TRAJECTORY, HelpFormatter, Trainer, add_arch_args, add_optim_args, add_run_args,
-                      arch_overrides, autocast, build_optimizer, build_scheduler, check_resume_flags, claim_output,
-                      find_resume, inherit, launch, load_checkpoint, load_model_state, resume_position, save_atomic,
-                      save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
+from pretrain import (AMOUNT, ARCH, COUNT, SIZE, TRAJECTORY, HelpFormatter, Trainer, add_arch_args, add_optim_args,
+                      add_run_args, arch_overrides, autocast, build_optimizer, build_scheduler, check_resume_flags,
+                      claim_output, find_resume, inherit, launch, load_checkpoint, load_model_state, resume_position,
+                      save_atomic, save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
 
 # The official layer decay per model family (Swin-B 100-epoch pretraining: 0.9; 800 epochs: 0.8)
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
@@ -48,7 +48,8 @@ def get_args_parser():
                         'erasing, smoothing, weight decay)')
 
     g = p.add_argument_group('augmentation (official fine-tuning values)')
-    g.add_argument('--scale', type=AMOUNT, default=0.08, help='RandomResizedCrop: smallest crop, a fraction of the area')
+    g.add_argument('--scale', type=AMOUNT, default=0.08,
+                   help='RandomResizedCrop: smallest crop, a fraction of the area')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits, ...)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' for none")
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
@@ -214,16 +215,17 @@ def predict(model, paths, classes, transform, in_chans, run, amp_context, k=5):
             raise SystemExit(f"error: {e}")
     model.eval()
     for path in files:
+        name = os.fsencode(path).decode(errors='replace')  # printable under any locale
         try:
             image = transform(data.load_image(path, in_chans))[None].to(run.device)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            print(f"{os.fsencode(path).decode(errors='replace')}: unreadable ({e})", flush=True)
+            print(f"{name}: unreadable ({e})", flush=True)
             continue
         with amp_context:
             probs = model(image).float().softmax(1)[0]
         top = probs.topk(min(k, len(probs)))
-        shown = ', '.join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"{os.fsencode(path).decode(errors='replace')}: {shown}")
+        print(f"{name}: " + ', '.join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(),
+                                                                                  top.indices.tolist())))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -275,7 +277,8 @@ def setup(args, run, source, resuming):
         if args.num_classes and len(args.classes or ()) > args.num_classes:  # labels past the classifier's outputs
             raise ValueError(f"{args.num_classes} classes (--num-classes or the checkpoint's), but "
                              f"{len(args.classes)} class folders ({', '.join(args.classes[:5])}"
-                             f"{', ...' if len(args.classes) > 5 else ''}); leave --num-classes out to count the folders")
+                             f"{', ...' if len(args.classes) > 5 else ''}); leave --num-classes out to count the "
+                             f"folders")
         args.num_classes = args.num_classes or len(args.classes)
     if 'train' in datasets and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
@@ -373,8 +376,8 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     start_epoch, start_step, best = 0, 0, 0.
     if resume_state:
         check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth', TRAJECTORY + (
-            'pretrained', 'model', 'data_path', 'layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
-            'reprob', 'scale', 'hflip'))
+            'pretrained', 'model', 'data_path', 'layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob',
+            'mixup_switch_prob', 'smoothing', 'aa', 'reprob', 'scale', 'hflip'))
         trainer.load_state_dict(resume_state)
         (start_epoch, start_step), best = resume_position(resume_state, steps_per_epoch), resume_state['max_accuracy']
         run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))

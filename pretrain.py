@@ -133,7 +133,8 @@ def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
                    help='cosine to --min-lr, or x --gamma at each of --multisteps; both step every iteration')
     g.add_argument('--multisteps', type=COUNT, nargs='*', default=[], help='multistep milestones, in epochs')
     g.add_argument('--gamma', type=AMOUNT, default=0.1, help='multistep decay factor')
-    g.add_argument('--weight-decay', type=AMOUNT, default=0.05, help='AdamW; not on norms, biases and the official exemptions (README: Fidelity)')
+    g.add_argument('--weight-decay', type=AMOUNT, default=0.05,
+                   help='AdamW; not on norms, biases and the official exemptions (README: Fidelity)')
     g.add_argument('--accumulation-steps', type=SIZE, default=1, help='micro-batches per optimizer step')
     g.add_argument('--clip-grad', type=AMOUNT, default=5.0, help='max gradient norm; 0 = no clipping')
     g.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'off'],
@@ -251,9 +252,10 @@ class Run:
         if not self.distributed:
             return model
         switch = 'forward_sync_buffers'  # torch >= 2.14; earlier: broadcast_buffers
-        no_sync = {switch if switch in inspect.signature(DistributedDataParallel).parameters else 'broadcast_buffers': False}
+        if switch not in inspect.signature(DistributedDataParallel).parameters:
+            switch = 'broadcast_buffers'
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-                                       gradient_as_bucket_view=True, **no_sync)
+                                       gradient_as_bucket_view=True, **{switch: False})
 
     def compile(self, model, when):
         """torch.compile(model) if when is 'on', or 'auto' on a GPU; compiled after the DDP wrapper, so that DDP's
@@ -578,8 +580,8 @@ def check_resume_flags(run, args, saved, path, names=TRAJECTORY):
     changed = [f"{shown(n)} {saved[n]} -> {getattr(args, n)}" for n in names  # unset (None): kept from the checkpoint
                if n in saved and getattr(args, n) is not None and saved[n] != getattr(args, n)]
     if changed and not args.accept_changes:
-        raise SystemExit(f"error: resuming '{path}' with other settings than it was trained with: {', '.join(changed)}; "
-                         f"rerun with the same flags, add --accept-changes to continue on the new settings, or start "
+        raise SystemExit(f"error: resuming '{path}' with other settings than it was trained with: "
+                         f"{', '.join(changed)}; rerun with the same flags, add --accept-changes to continue on the new settings, or start "
                          f"afresh with another --output (or --no-auto-resume)")
     if changed:
         run.print(f"resuming with changed settings (--accept-changes): {', '.join(changed)}")
@@ -589,15 +591,14 @@ def find_resume(args, run):
     """The checkpoint to resume, loaded: --resume, else OUTPUT/checkpoint.pth when auto-resume is on and it exists.
     Auto-resume passes over a corrupted checkpoint for the newest intact one, saying so. -> (path, checkpoint) or
     (None, None)."""
-    if args.resume:
-        if not os.path.exists(args.resume):  # a file, or a Hugging Face model folder
-            raise SystemExit(f"error: --resume '{args.resume}' does not exist")
+    if args.resume:  # a file, or a Hugging Face model folder
         return args.resume, load_checkpoint(args.resume, args.allow_pickle)
     latest = os.path.join(args.output, 'checkpoint.pth')
     if not args.auto_resume or not os.path.isfile(latest):
         return None, None
-    numbered = [f for f in os.listdir(args.output) if re.fullmatch(r'ckpt_epoch_\d+\.pth', f)]
-    for path in [latest] + [os.path.join(args.output, f) for f in sorted(numbered, key=lambda f: -int(f[11:-4]))]:
+    numbered = {int(m[1]): m[0] for m in map(re.compile(r'ckpt_epoch_(\d+)\.pth').fullmatch, os.listdir(args.output))
+                if m}
+    for path in [latest] + [os.path.join(args.output, numbered[e]) for e in sorted(numbered, reverse=True)]:
         try:
             return path, load_checkpoint(path, args.allow_pickle)
         except CorruptCheckpoint as e:

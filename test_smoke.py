@@ -1047,8 +1047,8 @@ def test_cpu_settings_flush_denormals_and_keep_freed_memory():
 
 
 def test_benchmark_script_runs(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, 'tools', 'benchmark.py'), *a], capture_output=True,
-                                    text=True, timeout=300)
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(HERE, 'tools', 'benchmark.py'), *a],
+                                    capture_output=True, text=True, timeout=300)
     steps = run('--model', 'swin_tiny', '--img-size', '64', '--batch-size', '2', '--steps', '1', '--warmup', '0',
                 '--amp', 'off')
     assert steps.returncode == 0, steps.stderr[-2000:]
@@ -1084,16 +1084,29 @@ def official_names(names, simmim):
     return {names[int(v)]: prefix(k) for k, v in ours.items()}
 
 
-def replay_official_steps(family, change=None):
-    """Our model loaded with the official init, trained by pretrain.Trainer on the recorded images, masks and schedule.
-    change(args) alters a setting first (negative controls). -> (record, model, lrs, losses, grad norms)."""
-    rec = torch.load(os.path.join(FIXTURES, f'ms_steps_{family}.pt'), weights_only=True)
+def step_model(family, state=None):
+    """The tiny SimMIM model of the step fixtures, with state (official layout) loaded if given."""
     name, size, arch = STEP_ARCH[family]
     model = models.build_simmim(name, size, drop_path_rate=0., **arch)
-    models.load_pretrained(model, {'model': rec['init']})
+    if state is not None:
+        models.load_pretrained(model, {'model': state})
+    return model
+
+
+def weight_gap(model, family, state):
+    """Largest absolute difference between model's weights and state (official layout)."""
+    ours, theirs = model.state_dict(), step_model(family, state).state_dict()
+    return max(float((ours[k] - theirs[k]).abs().max()) for k in theirs)
+
+
+def replay_official_steps(family, change=None):
+    """Our model loaded with the official init, trained by pretrain.Trainer on the recorded images, masks and schedule.
+    change(args) alters a setting first (negative controls). -> (record, model, optimizer, lrs, losses, grad norms)."""
+    rec = fixture(f'ms_steps_{family}.pt')
+    model = step_model(family, rec['init'])
     args = pretrain.get_args_parser().parse_args(
-        ['--model', name, '--amp', 'off', '--epochs', str(rec['epochs']), '--warmup-epochs', str(rec['warmup_epochs']),
-         '--weight-decay', str(rec['weight_decay']), '--clip-grad', str(rec['clip_grad'])])
+        ['--model', STEP_ARCH[family][0], '--amp', 'off', '--epochs', str(rec['epochs']), '--warmup-epochs',
+         str(rec['warmup_epochs']), '--weight-decay', str(rec['weight_decay']), '--clip-grad', str(rec['clip_grad'])])
     args.lr, args.warmup_lr_scaled, args.min_lr_scaled = rec['base_lr'], rec['warmup_lr'], rec['min_lr']
     if change:
         change(args)
@@ -1108,7 +1121,7 @@ def replay_official_steps(family, change=None):
         lrs.append(optimizer.param_groups[0]['lr'])
         losses.append(float(loss))
         norms.append(float(norm))
-    return rec, model, lrs, losses, norms
+    return rec, model, optimizer, lrs, losses, norms
 
 
 def max_rel(ours, recorded):
@@ -1117,23 +1130,14 @@ def max_rel(ours, recorded):
 
 @pytest.mark.parametrize('family', ['swin', 'vit'])
 def test_six_official_training_steps_are_reproduced(family):
-    rec, model, lrs, losses, norms = replay_official_steps(family)
+    rec, model, optimizer, lrs, losses, norms = replay_official_steps(family)
     assert lrs == pytest.approx(rec['lrs'], rel=1e-12)  # steps 0 and 1 both at the warmup lr, as the official loop
     assert max_rel(losses, rec['losses']) < 1e-5 and max_rel(norms, rec['grad_norms']) < 1e-5
-    final = models.build_simmim(STEP_ARCH[family][0], STEP_ARCH[family][1], drop_path_rate=0., **STEP_ARCH[family][2])
-    models.load_pretrained(final, {'model': rec['final']})
-    ours, theirs = model.state_dict(), final.state_dict()
-    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) < 1e-5
+    assert weight_gap(model, family, rec['final']) < 1e-5
     decayed = {n for n, p in model.named_parameters()
-               if any(p is q for g in model_optimizer_groups(model, family) if g['weight_decay'] > 0 for q in g['params'])}
+               if any(p is q for g in optimizer.param_groups if g['weight_decay'] > 0 for q in g['params'])}
     names = official_names(list(rec['weight_decay_of']), simmim=True)
     assert {names[k] for k, wd in rec['weight_decay_of'].items() if wd > 0} == decayed
-
-
-def model_optimizer_groups(model, family):
-    args = pretrain.get_args_parser().parse_args(['--model', STEP_ARCH[family][0]])
-    args.lr = 1e-3
-    return pretrain.build_optimizer(model, args).param_groups
 
 
 @pytest.mark.parametrize('family, change', [
@@ -1141,16 +1145,13 @@ def model_optimizer_groups(model, family):
     ('vit', lambda args: setattr(args, 'warmup_epochs', 0)),  # another schedule: the lrs and the weights move
 ])
 def test_the_step_replay_notices_a_changed_recipe(family, change):
-    rec, model, lrs, losses, norms = replay_official_steps(family, change)
-    final = models.build_simmim(STEP_ARCH[family][0], STEP_ARCH[family][1], drop_path_rate=0., **STEP_ARCH[family][2])
-    models.load_pretrained(final, {'model': rec['final']})
-    ours, theirs = model.state_dict(), final.state_dict()
-    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) > 1e-5
+    rec, model, *_ = replay_official_steps(family, change)
+    assert weight_gap(model, family, rec['final']) > 1e-5
 
 
 @pytest.mark.parametrize('family', ['swin', 'vit'])
 def test_fine_tuning_optimizer_groups_are_the_official_ones(family):
-    rec = torch.load(os.path.join(FIXTURES, f'ms_steps_{family}.pt'), weights_only=True)
+    rec = fixture(f'ms_steps_{family}.pt')
     name, _, arch = STEP_ARCH[family]
     arch = dict(arch, window_size=7) if family == 'swin' else arch
     classifier = models.build_classifier(name, 224, num_classes=10, drop_path_rate=0., **arch)
@@ -1168,26 +1169,19 @@ def test_fine_tuning_optimizer_groups_are_the_official_ones(family):
 
 @pytest.mark.parametrize('family', ['swin', 'vit'])
 def test_a_fresh_model_is_initialised_as_the_official_one(family):
-    rec = torch.load(os.path.join(FIXTURES, f'ms_steps_{family}.pt'), weights_only=True)
-    name, size, arch = STEP_ARCH[family]
+    rec = fixture(f'ms_steps_{family}.pt')
     torch.manual_seed(0)
-    model = models.build_simmim(name, size, drop_path_rate=0., **arch)
+    ours = step_model(family).state_dict()
     names = official_names(list(rec['init']), simmim=True)
-    kinds = {}  # std over all weights of a kind: linear layers, patch embedding, tokens, tables
+    kinds = {}  # all weights of a kind: linear layers by name, patch embedding, tokens, tables
     for official, tensor in rec['init'].items():
-        if official not in names or tensor.ndim < 2 or not tensor.is_floating_point():
-            continue
-        ours = model.state_dict()[names[official]]
-        kind = 'table' if 'table' in official else 'token' if 'token' in official else official.split('.')[-2]
-        kinds.setdefault(kind, ([], []))
-        kinds[kind][0].append(tensor.flatten())
-        kinds[kind][1].append(ours.flatten())
-    for kind, (theirs, ours) in kinds.items():
-        theirs, ours = torch.cat(theirs), torch.cat(ours)
-        if theirs.numel() < 200 or float(theirs.std()) == 0:
-            assert float(ours.std()) == float(theirs.std()) == 0 or theirs.numel() < 200, kind
-            continue
-        assert float(ours.std()) == pytest.approx(float(theirs.std()), rel=0.1), kind
+        if official in names and tensor.ndim >= 2 and tensor.is_floating_point():
+            kind = 'table' if 'table' in official else 'token' if 'token' in official else official.split('.')[-2]
+            kinds.setdefault(kind, []).append((tensor.flatten(), ours[names[official]].flatten()))
+    for kind, pairs in kinds.items():
+        theirs, mine = (torch.cat(side) for side in zip(*pairs))
+        if theirs.numel() >= 200:  # enough values for a std within 10%
+            assert float(mine.std()) == pytest.approx(float(theirs.std()), rel=0.1), kind
 
 
 def test_resume_refuses_other_optimization_flags_unless_accepted_and_switches_amp(tmp_path, capsys):
@@ -1363,7 +1357,7 @@ def test_plausible_mistakes_are_one_line_errors(tmp_path):
         (pretrain, tiny + ['--depths', '1', '1', '1', '1', '--num-heads', '1', '1'], '4 stages .* need as many head'),
         (pretrain, tiny + ['--pretrained', str(tmp_path / 'nowhere.pth')], "checkpoint '.*nowhere.pth' does not exist"),
         (pretrain, tiny + ['--pretrained', str(tmp_path / 'list.pth')], "holds a list, not a checkpoint"),
-        (finetune, tiny + ['--data-path', str(tmp_path / 'data')], "images outside the class folders .e.g. .*img0.png."),
+        (finetune, tiny + ['--data-path', str(tmp_path / 'data')], "images outside the class folders .e.g. .*img0.png"),
         (finetune, ['--predict', str(tmp_path / 'empty'), '--resume',
                     os.path.join(FIXTURES, 'ms_finetune_swin_w7_224.pth'), '--amp', 'off'], 'no images'),
     ]
@@ -1372,7 +1366,7 @@ def test_plausible_mistakes_are_one_line_errors(tmp_path):
     os.makedirs(tmp_path / 'gap' / 'val')
     shutil.copytree(tmp_path / 'data' / 'train', tmp_path / 'gap' / 'train')
     os.makedirs(tmp_path / 'gap' / 'train' / 'green')
-    cases.append((finetune, tiny + ['--data-path', str(tmp_path / 'gap')], "class folder.s. without images in .*: green"))
+    cases.append((finetune, tiny + ['--data-path', str(tmp_path / 'gap')], "class folder.s. without images .*: green"))
     if not torch.cuda.is_available():
         cases.append((pretrain, tiny + ['--device', 'cuda'], 'torch sees no GPU here'))
     for script, argv, message in cases:

@@ -1,9 +1,9 @@
 """Benchmarks: the SimMIM training step, side by side with microsoft/SimMIM's, and the data pipeline.
 
-    python tools/benchmark.py --model swin_base --batch-size 8 --amp bf16 off          # our training step, one row per AMP
-    python tools/benchmark.py --official ../SimMIM --amp bf16 off --rounds 3           # ours and the official, ratios
-    python tools/benchmark.py --impls ours ours-compile --amp bf16                     # eager against torch.compile
-    python tools/benchmark.py --data --num-workers 2                                   # decoded, augmented, masked images/s
+    python tools/benchmark.py --model swin_base --batch-size 8 --amp bf16 off    # our training step, one row per AMP
+    python tools/benchmark.py --official ../SimMIM --amp bf16 off --rounds 3     # ours and the official, ratios
+    python tools/benchmark.py --impls ours ours-compile --amp bf16               # eager against torch.compile
+    python tools/benchmark.py --data --num-workers 2                             # decoded, augmented, masked images/s
 
 A training step is forward, backward and the optimizer on fixed random images and SimMIM masks, as each code base runs
 it: ours is pretrain.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the mean of
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -34,7 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts, one folder up
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the scripts, one folder up
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import models  # noqa: E402
 import pretrain  # noqa: E402
@@ -164,27 +166,39 @@ def measure_step(args, impl, amp):
                   device=torch.cuda.get_device_name() if cuda else 'cpu')
     if cuda:
         result['peak_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
-        result['syncs_per_step'] = host_syncs(lambda: step(0), 4) / 4
+        result['syncs_per_step'] = sum(host_syncs(lambda: [step(0) for _ in range(4)]).values()) / 4
     else:
         result['peak_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     return result
 
 
-def host_syncs(fn, repeats):
-    """How many times fn() made the host wait for the GPU, over repeats calls (torch.cuda.set_sync_debug_mode). A call
-    before the counted ones takes what switching the mode on reports."""
-    with warnings.catch_warnings(record=True) as caught:
+def host_syncs(fn):
+    """The times fn() made the host wait for the GPU, as torch.cuda.set_sync_debug_mode reports them, by the line of
+    the scripts (or of the official code) that made each wait: {'file:line code': count}. {} without a GPU."""
+    if not torch.cuda.is_available():
+        fn()
+        return {}
+    sites, active = {}, False
+
+    def record(message, *_, **__):
+        if active and 'synchroniz' in str(message):  # not what switching the mode on reports
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(ROOT)
+                      and not f.filename.startswith(os.path.join(ROOT, 'tools'))]
+            where = f"{os.path.relpath(frames[-1].filename, ROOT)}:{frames[-1].lineno} {frames[-1].line}" \
+                if frames else '?'
+            sites[where] = sites.get(where, 0) + 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter('always')
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode('warn')
         try:
+            active = True
             fn()
-            torch.cuda.synchronize()
-            del caught[:]
-            for _ in range(repeats):
-                fn()
         finally:
+            active = False
             torch.cuda.set_sync_debug_mode('default')
-    return sum('synchroniz' in str(w.message) for w in caught)
+    return sites
 
 
 def flops_per_image(args):

@@ -31,11 +31,10 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, HERE]  # the scripts, and benchmark.py beside this file
 
 ITEMS = ('pretrain_bf16', 'pretrain_fp16', 'finetune', 'attention', 'host_syncs', 'benchmark_swin', 'benchmark_vit',
          'data', 'compile_swin', 'compile_vit')
@@ -119,7 +118,8 @@ def pretrain_item(cfg, out, amp):
           and 'done:' in resumed.stdout and all(map(math.isfinite, losses)) and len(epochs) == cfg['epochs']
           and epochs[-1] < epochs[0] and os.path.exists(os.path.join(output, 'reconstruction_end.png')))
     return ok, (f"SIGTERM at epoch 1 step 5, stopped after {stopped.group(1) if stopped else '?'}, resumed "
-                f"{at.group(1) if at else '?'} (of {steps} steps per epoch), finished (exit {resumed.returncode}); epoch losses "
+                f"{at.group(1) if at else '?'} (of {steps} steps per epoch), finished (exit {resumed.returncode}); "
+                f"epoch losses "
                 f"{' '.join(map('{:.4f}'.format, epochs))}; "
                 f"{images_per_s:.0f} images/s, data wait {data_share:.1%} of the step, peak "
                 f"{max(r['peak_mem_gb'] for r in steps_logged):.1f} GB; nonfinite steps "
@@ -192,7 +192,6 @@ def attention_item(cfg):
                        + (f" (explicit bf16: {explicit_err[0]:.1e}, {explicit_err[1]:.1e})" if dtype else '')
                        + ('' if good else ' TOO FAR'))
         lines.append(f"{name}: " + '; '.join(row))
-        del model
     print('\n'.join(lines))
     return ok, 'fused vs explicit, relative error against explicit fp32 -- ' + ' | '.join(lines)
 
@@ -200,9 +199,8 @@ def attention_item(cfg):
 def host_syncs_item(cfg, out):
     """Pretraining epochs under sync debug mode: every host wait is recorded with the line of ours that caused it.
     Waits that happen once per log line or per epoch are allowed; any that happens every step fails."""
-    import torch
+    import benchmark
     import pretrain
-    debug_mode = torch.cuda.set_sync_debug_mode if not cfg['device'] else lambda mode: None  # CPU: the code path
     results = []
     for distributed in (False, True):
         if distributed:
@@ -229,22 +227,8 @@ def host_syncs_item(cfg, out):
             steps = 12
             args.print_freq = steps  # one log line, at the end
             pretrain.train_one_epoch(trainer, loader, loss_fn, 0, 3, args, run, lambda e, s: {})  # warm-up
-            sites = {}
-
-            def record(message, category, filename, lineno, file=None, line=None):
-                import traceback
-                ours = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(ROOT)]
-                where = f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno} {ours[-1].line}" if ours else '?'
-                sites[where] = sites.get(where, 0) + 1
-
-            with warnings.catch_warnings():
-                warnings.simplefilter('always')
-                warnings.showwarning = record
-                debug_mode('warn')
-                try:
-                    pretrain.train_one_epoch(trainer, loader, loss_fn, 1, steps, args, run, lambda e, s: {})
-                finally:
-                    debug_mode('default')
+            sites = benchmark.host_syncs(  # on a CPU: {}, the code path alone
+                lambda: pretrain.train_one_epoch(trainer, loader, loss_fn, 1, steps, args, run, lambda e, s: {}))
             per_step = {k: v for k, v in sites.items() if v >= steps}
             label = ('torchrun one-process group' + (' (gloo)' if cfg['device'] else ' (NCCL)')) if distributed \
                 else 'single process'
@@ -325,8 +309,6 @@ def run_item(name, cfg, args):
 
 def prepare(cfg, out):
     """Generated ImageNet-size JPEGs: a folder for pretraining, and two classes in train/ and val/ for fine-tuning."""
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, HERE)
     import benchmark
     if not os.path.isdir(os.path.join(out, 'images')):
         benchmark.write_jpegs(os.path.join(out, 'images'), cfg['images'])
