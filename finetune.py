@@ -6,7 +6,7 @@
 
 Defaults are the official Swin-B fine-tuning recipe: 224px, window 7, 100 epochs with 20 warmup, lr 1.25e-3 per 512
 images, layer decay 0.9, drop path 0.1, RandAugment, random erasing, mixup/cutmix with label smoothing. The run
-machinery (distributed setup, optimizer, AMP step, schedules, checkpoints, logging) is pretrain.py's.
+machinery (distributed run, optimizer, AMP step, checkpoints, logging) is engine.py's, shared with pretrain.py.
 """
 import argparse
 import os
@@ -21,55 +21,47 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import data
+import engine
 import models
-from pretrain import (AMOUNT, ARCH, COUNT, SIZE, TRAJECTORY, HelpFormatter, Trainer, add_arch_args, add_optim_args,
-                      add_run_args, arch_overrides, autocast, build_optimizer, build_scheduler, check_resume_flags,
-                      claim_output, find_resume, inherit, launch, load_checkpoint, load_model_state, resume_position,
-                      save_atomic, save_checkpoint, scale_lrs, train_one_epoch, write_provenance)
 
 # The official layer decay per model family (Swin-B 100-epoch pretraining: 0.9; 800 epochs: 0.8)
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
-# Settings a checkpoint carries over when it is resumed, evaluated or used for prediction
-CLASSIFIER = ARCH + ('window_size', 'img_size', 'num_classes', 'classes', 'linear_probe', 'pretrained_window_sizes')
+# What a resumed, evaluated or used checkpoint carries over: the whole classifier
+CLASSIFIER_FLAGS = engine.ARCH_FLAGS + ('window_size', 'img_size', 'num_classes', 'classes', 'linear_probe',
+                                        'pretrained_window_sizes')
+# Besides engine.TRAJECTORY_FLAGS, what a resumed fine-tuning must keep
+FINETUNE_FLAGS = ('layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
+                  'reprob', 'scale', 'hflip')
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('SimMIM fine-tuning', formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser('SimMIM fine-tuning', formatter_class=engine.HelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--pretrained', default=None, help='SimMIM pretraining checkpoint to start from')
     g.add_argument('--model', default=None, choices=list(models.MODELS),
                    help="encoder (default: the checkpoint's, else swin_base)")
-    g.add_argument('--img-size', type=SIZE, default=None, help='input size in pixels (default 224)')
-    add_arch_args(g)
-    g.add_argument('--num-classes', type=SIZE, default=None, help='default: the class folders of DATA/train')
-    g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, slower')
+    g.add_argument('--img-size', type=engine.SIZE, default=None, help='input size in pixels (default 224)')
+    engine.add_arch_args(g)
+    g.add_argument('--num-classes', type=engine.SIZE, default=None, help='default: the class folders of DATA/train')
     g.add_argument('--linear-probe', action='store_true', default=None,
                    help='freeze the encoder, train BatchNorm + linear on pooled features (no mixup, RandAugment, '
                         'erasing, smoothing, weight decay)')
-
     g = p.add_argument_group('augmentation (official fine-tuning values)')
-    g.add_argument('--scale', type=AMOUNT, default=0.08,
-                   help='RandomResizedCrop: smallest crop, a fraction of the area')
+    g.add_argument('--scale', type=engine.AMOUNT, default=0.08, help='RandomResizedCrop: smallest crop, a fraction of '
+                                                                     'the area')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits, ...)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' for none")
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
-    g.add_argument('--mixup', type=AMOUNT, default=0.8, help='mixup alpha, 0 = off')
-    g.add_argument('--cutmix', type=AMOUNT, default=1.0, help='cutmix alpha, 0 = off')
+    g.add_argument('--mixup', type=engine.AMOUNT, default=0.8, help='mixup alpha, 0 = off')
+    g.add_argument('--cutmix', type=engine.AMOUNT, default=1.0, help='cutmix alpha, 0 = off')
     g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
     g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
-    g.add_argument('--smoothing', type=AMOUNT, default=0.1, help='label smoothing')
-
-    g = p.add_argument_group('data')
-    g.add_argument('--data-path', default=None, help='folder with train/ and val/ class folders (ImageNet layout)')
-    g.add_argument('--batch-size', type=SIZE, default=128, help='images per GPU (per process) and micro-step')
-    g.add_argument('--num-workers', type=COUNT, default=8, help='data loading processes per GPU')
-    g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean (default: ImageNet)')
-    g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
-
-    add_optim_args(p, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
-    p.add_argument('--layer-decay', type=AMOUNT, default=None,
+    g.add_argument('--smoothing', type=engine.AMOUNT, default=0.1, help='label smoothing')
+    engine.add_data_args(p.add_argument_group('data'), 'folder with train/ and val/ class folders (ImageNet layout)')
+    engine.add_optim_args(p, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
+    p.add_argument('--layer-decay', type=engine.AMOUNT, default=None,
                    help='lr x decay^(depth - layer): 0.9 Swin-T/S/B, 0.7 Swin-L, 0.75 SwinV2-B, 0.65 ViT')
-    add_run_args(p, output='output/simmim_finetune', compile='off')
+    engine.add_run_args(p, output='output/simmim_finetune', compile='off')
     g = p.add_argument_group('evaluate and use')
     g.add_argument('--eval', action='store_true', help='evaluate the --resume checkpoint on DATA/val and exit')
     g.add_argument('--throughput', action='store_true', help="print the model's inference images/s and exit")
@@ -114,7 +106,7 @@ def layer_scales(model, decay):
 
 def build_model(args):
     model = models.build_classifier(args.model, args.img_size, args.num_classes, args.use_checkpoint,
-                                    pretrained_window_sizes=args.pretrained_window_sizes, **arch_overrides(args))
+                                    pretrained_window_sizes=args.pretrained_window_sizes, **engine.arch_overrides(args))
     if args.linear_probe:  # frozen encoder, BatchNorm (no affine) + linear on the pooled features
         for p in model.parameters():
             p.requires_grad = False
@@ -130,37 +122,48 @@ def pretrained_windows(saved):
     flags = ('model', 'img_size', 'window_size', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans',
              'drop_path')
     pre = argparse.Namespace(**{k: saved.get(k) for k in flags})  # unknown ones (weights of other code): defaults
-    _, kw = models.model_kwargs(pre.model, pre.img_size, True, **arch_overrides(pre))
+    _, kw = models.model_kwargs(pre.model, pre.img_size, True, **engine.arch_overrides(pre))
     res = kw['img_size'] // kw['patch_size']
     return [min(kw['window_size'], res // 2 ** i) for i in range(len(kw['depths']))]
 
 
-def timm_state(model):
-    """The classifier's state dict for timm: a linear probe's BatchNorm (no affine) folded into its linear head, which
-    gives the same logits from timm's plain linear head."""
-    state = model.state_dict()
-    head = 'head.fc.' if 'head.fc.1.weight' in state else 'head.'
-    if head + '1.weight' in state:
-        norm = model.head.fc[0] if head == 'head.fc.' else model.head[0]
-        scale = (state.pop(head + '0.running_var') + norm.eps).rsqrt()
-        mean = state.pop(head + '0.running_mean')
-        state.pop(head + '0.num_batches_tracked', None)
-        weight = state.pop(head + '1.weight') * scale
-        state[head + 'weight'], state[head + 'bias'] = weight, state.pop(head + '1.bias') - weight @ mean
-    return state
-
-
-def timm_command(args):
-    """The timm.create_model call that builds the same model as build_classifier(args) and loads args.export."""
-    family, kw = models.model_kwargs(args.model, args.img_size, False, **arch_overrides(args),
-                                     pretrained_window_sizes=args.pretrained_window_sizes)
-    name = {models.SWIN: 'swin_base_patch4_window7_224', models.SWINV2: 'swinv2_base_window8_256',
-            models.VIT: 'beit_base_patch16_224'}[family]
-    kw.pop('drop_path_rate')
-    if family == models.VIT:
-        kw.pop('init_values')
-    shown = ', '.join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in kw.items())
-    return f"timm.create_model('{name}', {shown}, num_classes={args.num_classes}, checkpoint_path='{args.export}')"
+def load_data(args, normalize):
+    """DATA/train (unless --eval) and DATA/val as class-folder datasets, checked now; sets args.classes and
+    args.num_classes. Errors are ValueErrors."""
+    if args.data_path is None:
+        raise ValueError("give --data-path, a folder with train/ and val/ class folders (the demo: --data-path demo)")
+    splits = ['val'] if args.eval else ['train', 'val']
+    for split in splits:
+        if not os.path.isdir(os.path.join(args.data_path, split)):
+            raise ValueError(f"--data-path '{args.data_path}' has no {split}/ folder; fine-tuning needs train/ and "
+                             f"val/, each with one folder of images per class")
+    datasets = {}
+    if not args.eval:
+        train = os.path.join(args.data_path, 'train')
+        transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale, args.hflip)
+        datasets['train'] = data.ImageDataset(train, transform, args.in_chans, classes=args.classes)
+        datasets['train'].load(0)  # at least one readable image
+        if not datasets['train'].classes:
+            raise ValueError(f"'{train}' has no class folders, or images outside them: put each class's images in a "
+                             f"folder of its own")
+        folders = [d.name for d in os.scandir(train) if d.is_dir() and not d.name.startswith('.')]
+        empty = sorted(set(folders) - set(datasets['train'].classes))
+        if empty:
+            raise ValueError(f"class folder(s) without images in '{train}': {', '.join(empty[:5])}; add images or "
+                             f"remove the folder")
+        args.classes = datasets['train'].classes
+    datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), data.eval_transform(args.img_size, normalize),
+                                        args.in_chans, args.classes)
+    datasets['val'].load(0)  # a readable validation image now, not after the first epoch
+    args.classes = args.classes or datasets['val'].classes
+    if args.num_classes and len(args.classes) > args.num_classes:  # labels past the classifier's outputs
+        raise ValueError(f"{args.num_classes} classes (--num-classes or the checkpoint's), but {len(args.classes)} "
+                         f"class folders ({', '.join(args.classes[:5])}{', ...' * (len(args.classes) > 5)}); leave "
+                         f"--num-classes out to count the folders")
+    args.num_classes = args.num_classes or len(args.classes)
+    if 'train' in datasets and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    return datasets
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -172,14 +175,14 @@ def evaluate(model, loader, run, amp_context):
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5, images
     for images, targets, skipped in loader:
-        keep = (skipped == 0).to(run.device)  # an unreadable file's stand-in is counted with its own index
+        readable = (skipped == 0).to(run.device)  # an unreadable file's stand-in is counted with its own index
         images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
         with amp_context:
             logits = model(images).float()
         loss = F.cross_entropy(logits, targets, reduction='none')
         hits = logits.topk(min(5, logits.shape[1]), 1).indices.eq(targets[:, None])
-        totals += torch.stack([(loss * keep).sum(), (hits[:, 0] & keep).sum(), (hits.any(1) & keep).sum(),
-                               keep.sum()]).double()
+        totals += torch.stack([(loss * readable).sum(), (hits[:, 0] & readable).sum(), (hits.any(1) & readable).sum(),
+                               readable.sum()]).double()
     if run.distributed:
         dist.all_reduce(totals)
     loss, top1, top5, n = totals.tolist()
@@ -228,115 +231,88 @@ def predict(model, paths, classes, transform, in_chans, run, amp_context, k=5):
                                                                                   top.indices.tolist())))
 
 
+def export(model, args, run):
+    """Write the classifier (or head-less encoder) as a timm state dict, a linear probe's BatchNorm (no affine) folded
+    into its linear head; print the timm.create_model call that loads it."""
+    state = model.state_dict()
+    head = 'head.fc.' if 'head.fc.1.weight' in state else 'head.'
+    if head + '1.weight' in state:
+        norm = model.head.fc[0] if head == 'head.fc.' else model.head[0]
+        scale = (state.pop(head + '0.running_var') + norm.eps).rsqrt()
+        mean = state.pop(head + '0.running_mean')
+        state.pop(head + '0.num_batches_tracked', None)
+        weight = state.pop(head + '1.weight') * scale
+        state[head + 'weight'], state[head + 'bias'] = weight, state.pop(head + '1.bias') - weight @ mean
+    if run.main:
+        engine.save_atomic(lambda f: torch.save(state, f), args.export)
+        family, kw = models.model_kwargs(args.model, args.img_size, False, **engine.arch_overrides(args),
+                                         pretrained_window_sizes=args.pretrained_window_sizes)
+        name = {models.SWIN: 'swin_base_patch4_window7_224', models.SWINV2: 'swinv2_base_window8_256',
+                models.VIT: 'beit_base_patch16_224'}[family]
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if k not in ('drop_path_rate',
+                                                                                              'init_values')}
+        shown = ', '.join(f"{k}={v!r}" for k, v in kw.items())
+        run.print(f"wrote {args.export}; in timm: timm.create_model('{name}', {shown}, num_classes={args.num_classes}, "
+                  f"checkpoint_path='{args.export}')")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fine-tuning
 
-def setup(args, run, source, resuming):
-    """Model settings from the checkpoint and the flags, the data, the model. Errors here are one line."""
-    saved = source.get('args', {}) if source else {}
-    inherit(args, saved, CLASSIFIER if resuming else ARCH)  # a resumed checkpoint defines the whole classifier
-    args.model = args.model or 'swin_base'
-    args.img_size = args.img_size or 224
-    if saved and models.MODELS[args.model]['family'] == models.SWINV2:
-        args.pretrained_window_sizes = args.pretrained_window_sizes or saved.get('pretrained_window_sizes') \
-            or pretrained_windows(saved)
-    args.in_chans = args.in_chans or 3
-    normalize = data.normalization(args.in_chans, args.mean, args.std)
-    args.mean, args.std = list(normalize.mean), list(normalize.std)
-    if args.linear_probe:
-        args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = 0.
-        args.aa, args.drop_path = '', 0.
-    datasets = {}
-    if args.predict is None and not args.throughput and not args.export:
-        if args.data_path is None:
-            raise ValueError("give --data-path, a folder with train/ and val/ class folders (the demo: --data-path demo)")
-        for split in (['val'] if args.eval else ['train', 'val']):
-            if not os.path.isdir(os.path.join(args.data_path, split)):
-                raise ValueError(f"--data-path '{args.data_path}' has no {split}/ folder; fine-tuning needs "
-                                 f"train/ and val/, each with one folder of images per class")
-        transform = data.eval_transform(args.img_size, normalize)
-        if not args.eval:
-            train_transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale,
-                                                      args.hflip)
-            datasets['train'] = data.ImageDataset(os.path.join(args.data_path, 'train'), train_transform,
-                                                  args.in_chans, classes=args.classes)
-            datasets['train'].load(0)  # at least one readable image
-            folders = [d.name for d in os.scandir(os.path.join(args.data_path, 'train'))
-                       if d.is_dir() and not d.name.startswith('.')]
-            empty = sorted(set(folders) - set(datasets['train'].classes))
-            if datasets['train'].classes and empty:
-                raise ValueError(f"class folder(s) without images in '{args.data_path}/train': {', '.join(empty[:5])}; "
-                                 f"add images or remove the folder")
-            if not datasets['train'].classes:
-                raise ValueError(f"'{args.data_path}/train' has no class folders, or images outside them: put each "
-                                 f"class's images in a folder of its own")
-        classes = datasets['train'].classes if 'train' in datasets else args.classes
-        datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, classes)
-        datasets['val'].load(0)  # a readable validation image now, not after the first epoch
-        args.classes = classes or datasets['val'].classes
-        if args.num_classes and len(args.classes or ()) > args.num_classes:  # labels past the classifier's outputs
-            raise ValueError(f"{args.num_classes} classes (--num-classes or the checkpoint's), but "
-                             f"{len(args.classes)} class folders ({', '.join(args.classes[:5])}"
-                             f"{', ...' if len(args.classes) > 5 else ''}); leave --num-classes out to count the "
-                             f"folders")
-        args.num_classes = args.num_classes or len(args.classes)
-    if 'train' in datasets and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
-    if args.num_classes is None and (args.throughput or args.export):
-        args.num_classes = 1000 if args.throughput else 0  # an exported encoder has no head
-    model = build_model(args)
-    return model, normalize, datasets
-
-
 def main(args):
-    launch(start, args)
+    engine.launch(start, args)
 
 
 def start(args, run):
     """Load the model, then predict, measure, export, evaluate or fine-tune."""
-    resume, source = find_resume(args, run)
-    source = source or (load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained else None)
+    resume, source = engine.find_resume(args, run)
+    source = source or (engine.load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained else None)
     ours = bool(resume) and 'classes' in source['args']  # a finetune.py checkpoint, which can continue training
+    use = args.eval or args.predict or args.throughput or args.export
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
-    if resume and not ours and not (args.eval or args.predict or args.throughput or args.export):
+    if resume and not ours and not use:
         raise SystemExit(f"error: '{resume}' is no finetune.py checkpoint, so training cannot resume from it; "
                          f"start from it with --pretrained")
+    saved = source['args'] if source else {}
+    engine.inherit(args, saved, CLASSIFIER_FLAGS if resume else engine.ARCH_FLAGS)  # a resumed classifier: all of it
+    args.model, args.img_size, args.in_chans = args.model or 'swin_base', args.img_size or 224, args.in_chans or 3
+    if saved and models.MODELS[args.model]['family'] == models.SWINV2:
+        args.pretrained_window_sizes = args.pretrained_window_sizes or saved.get('pretrained_window_sizes') \
+            or pretrained_windows(saved)
+    if args.linear_probe:
+        args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = args.drop_path = 0.
+        args.aa = ''
+    normalize = engine.normalization(args)
     try:
-        model, normalize, datasets = setup(args, run, source, resuming=bool(resume))
-        if ours:
-            load_model_state(model, source['model'], resume)
-            run.print(f"loaded {resume} (epoch {source.get('epoch')}"
-                      + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))
-        elif source:
-            report = models.load_pretrained(model, source)
-            if (args.eval or args.predict) and any(k.startswith('head.') for k in report['missing']):
-                raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it "
-                                 f"first (--pretrained {resume}), then --eval or --predict with the result")
-            dropped = ', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'
-            run.print(f"{resume or args.pretrained}: {len(report['loaded'])} tensors loaded, "
-                      f"{len(report['resized'])} position tables resized, new: {', '.join(report['missing']) or '-'}, "
-                      f"dropped: {len(report['dropped'])} ({dropped})")
+        datasets = load_data(args, normalize) if not (args.predict or args.throughput or args.export) else {}
+        if args.num_classes is None:  # no data: a throughput model has ImageNet's classes, an exported encoder none
+            args.num_classes = 1000 if args.throughput else 0
+        model = build_model(args)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
+    if ours:
+        engine.load_model_state(model, source['model'], resume)
+        run.print(f"loaded {resume} (epoch {source.get('epoch')}"
+                  + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))
+    elif source:
+        report = engine.load_pretrained(model, source, resume or args.pretrained, run)
+        if (args.eval or args.predict) and any(k.startswith('head.') for k in report['missing']):
+            raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it first "
+                             f"(--pretrained {resume}), then --eval or --predict with the result")
     if args.export:
-        if run.main:
-            save_atomic(lambda f: torch.save(timm_state(model), f), args.export)
-            run.print(f"wrote {args.export}; in timm: {timm_command(args)}")
-        return
+        return export(model, args, run)
     model.to(run.device)
     models.use_fused_attention(model, run.device.type == 'cuda')
-    amp, amp_context = autocast(args.amp, run.device)
-
+    amp, amp_context = engine.autocast(args.amp, run.device)
     if args.predict:
         if run.main:
             classes = args.classes or [f'class {i}' for i in range(args.num_classes)]  # checkpoints of other code
-            predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize),
-                    args.in_chans, run, amp_context)
+            predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize), args.in_chans, run,
+                    amp_context)
         return
     if args.throughput:
-        throughput(model, args, run, amp_context)
-        return
+        return throughput(model, args, run, amp_context)
     val_loader = data.build_loader(datasets['val'], args.batch_size, args.num_workers, args.seed, run.world_size,
                                    run.rank, train=False)
     if args.eval:
@@ -348,41 +324,39 @@ def start(args, run):
 
 
 def finetune(args, run, model, train_set, val_loader, resume_state):
-    claim_output(run, args.output)
     loader = data.build_loader(train_set, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
     try:
-        schedule = scale_lrs(args, run, loader)
+        schedule = engine.scale_lrs(args, run.world_size, len(loader))
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    steps_per_epoch = args.steps_per_epoch
+        raise SystemExit(f"error: {e}") from None
+    model_ddp = run.wrap(model, args.compile)
+
+    # optimizer: AdamW with layer-wise lr decay, per-step cosine schedule with linear warmup
     if args.layer_decay is None:
         args.layer_decay = LAYER_DECAY.get(args.model, 0.9)
-    optimizer = build_optimizer(model, args, layer_scales(model, args.layer_decay))
-    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
-    model_ddp = run.compile(run.wrap(model), args.compile)
-    trainer = Trainer(model_ddp, optimizer, scheduler, args, run)
+    optimizer = engine.build_optimizer(model, args, layer_scales(model, args.layer_decay))
+    trainer = engine.Trainer(model_ddp, optimizer, engine.build_scheduler(optimizer, args), args, run)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=args.num_classes) \
         if args.mixup > 0 or args.cutmix > 0 else None
     criterion = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing) \
         if args.smoothing > 0 else nn.CrossEntropyLoss()
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.print(f"{args.model}: {trainable:,} trainable parameters, {args.img_size}px, {args.num_classes} classes; "
               f"{len(train_set):,} training and {len(val_loader.dataset):,} validation images in {args.data_path}")
-    run.print(f"{schedule}; layer decay {args.layer_decay}; amp {trainer.amp}; device {run.device}"
-              + ('; linear probe' if args.linear_probe else ''))
-
+    run.print(f"{schedule}; layer decay {args.layer_decay}; amp {trainer.amp}; normalisation mean {args.mean} std "
+              f"{args.std}; device {run.device}" + ('; linear probe' if args.linear_probe else ''))
     start_epoch, start_step, best = 0, 0, 0.
     if resume_state:
-        check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth', TRAJECTORY + (
-            'pretrained', 'model', 'data_path', 'layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob',
-            'mixup_switch_prob', 'smoothing', 'aa', 'reprob', 'scale', 'hflip'))
+        engine.check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth',
+                                  engine.TRAJECTORY_FLAGS + FINETUNE_FLAGS)
         trainer.load_state_dict(resume_state)
-        (start_epoch, start_step), best = resume_position(resume_state, steps_per_epoch), resume_state['max_accuracy']
+        (start_epoch, start_step), best = engine.resume_position(resume_state, args.steps_per_epoch), \
+            resume_state['max_accuracy']
         run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
-    write_provenance(run, args)
+    engine.start_output(run, args)
 
+    # the loop: cross-entropy on mixed images and soft labels; validation after each epoch, best.pth by top-1
     def loss_fn(batch):
         images, targets, _ = batch
         images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
@@ -391,13 +365,13 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         return criterion(model_ddp(images), targets)
 
     def state_fn(epoch, step):
-        return dict(model=model.state_dict(), **trainer.state_dict(),
-                    epoch=epoch, step=step, args=vars(args), max_accuracy=best)
+        return dict(model=model.state_dict(), **trainer.state_dict(), epoch=epoch, step=step, args=vars(args),
+                    max_accuracy=best)
 
-    run.training = True  # from here a SIGTERM saves and stops after the current step
+    run.training = True  # from here a SIGTERM saves and stops the run at the next log line
     for epoch in range(start_epoch, args.epochs):
-        if train_one_epoch(trainer, loader, loss_fn, epoch, steps_per_epoch, args, run, state_fn,
-                           start_step if epoch == start_epoch else 0) is None:
+        if engine.train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn,
+                                  start_step if epoch == start_epoch else 0) is None:
             return
         stats = evaluate(model, val_loader, run, trainer.autocast)
         is_best = stats['acc1'] > best or epoch == 0
@@ -405,13 +379,13 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         run.print(f"epoch {epoch} validation: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% "
                   f"loss {stats['loss']:.4f} ({stats['images']} images); best top-1 {best:.2f}%")
         run.log(dict(epoch=epoch, **{f'val_{k}': v for k, v in stats.items()}, max_accuracy=best))
-        keep = [f'ckpt_epoch_{epoch}.pth'] if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs else []
-        save_checkpoint(run, dict(state_fn(epoch, steps_per_epoch), acc1=stats['acc1']),
-                        keep + (['best.pth'] if is_best else []))
+        numbered = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
+        engine.save_checkpoint(run, dict(state_fn(epoch, args.steps_per_epoch), acc1=stats['acc1']),
+                               [f'ckpt_epoch_{epoch}.pth'] * numbered + ['best.pth'] * is_best)
         if run.stopping:
             run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
             return
-    trainer.check_nonfinite(args.epochs * steps_per_epoch, final=True)
+    trainer.check_nonfinite(args.epochs * args.steps_per_epoch, final=True)
     run.print(f"done: best top-1 {best:.2f}%; checkpoints (best.pth) and log.jsonl are in {args.output}")
 
 

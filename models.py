@@ -94,8 +94,7 @@ class FusedWindowAttentionV2(WindowAttentionV2):
 
 def use_fused_attention(model, enable=True):
     """Turn scaled_dot_product_attention on (or off) in every attention layer; timm leaves it off for Swin. The
-    scripts turn it off on CPUs, where the explicit softmax was faster (a swin_base stage-1 shifted-window layer,
-    forward + backward in bf16: 0.049 s vs 0.073 s)."""
+    scripts turn it off on CPUs, where the explicit softmax was measured faster (README: Performance)."""
     for m in model.modules():
         if isinstance(m, WindowAttentionV2):
             m.__class__ = FusedWindowAttentionV2 if enable else WindowAttentionV2
@@ -355,10 +354,14 @@ def resize_rel_pos_table(table, rows, extra=0):
 BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table', 'k_bias')  # rebuilt by the model
 
 
+class PickledCheckpoint(ValueError):
+    """A checkpoint holding pickled Python objects, read without allow_pickle."""
+
+
 def read_checkpoint(path, allow_pickle=False):
     """A .pth / .pt / .bin / .safetensors file, or a Hugging Face model folder (model.safetensors or
     pytorch_model.bin, with config.json) -> a dict. Pickled objects (the official checkpoints' yacs config) are
-    refused unless allow_pickle: unpickling runs code from the file."""
+    refused (PickledCheckpoint) unless allow_pickle: unpickling runs code from the file."""
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in ('model.safetensors', 'pytorch_model.bin')]
         found = [f for f in files if os.path.isfile(f)]
@@ -379,9 +382,8 @@ def read_checkpoint(path, allow_pickle=False):
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
         if not found:
             raise
-        raise ValueError(f"'{path}' holds pickled Python objects ({found[1]}); official SimMIM checkpoints store "
-                         f"their config that way. If you trust the file, load it with --allow-pickle "
-                         f"(read_checkpoint(path, allow_pickle=True)), which runs code from it") from None
+        raise PickledCheckpoint(f"'{path}' holds pickled Python objects ({found[1]}), as official SimMIM checkpoints "
+                                f"store their config; loading them (allow_pickle=True) runs code from the file") from None
 
 
 def _shift_downsample(state):
@@ -515,6 +517,6 @@ def load_pretrained(model, checkpoint):
         [f"{k} not in the checkpoint" for k in missing if not k.startswith(new_ok)]
     if problems:
         raise ValueError(f"the checkpoint does not fit {type(model).__name__} ({len(problems)} problems; first: "
-                         f"{'; '.join(problems[:4])}): pass the --model and architecture flags it was trained with")
+                         f"{'; '.join(problems[:4])}): build the model with the architecture it was trained with")
     model.load_state_dict(state, strict=False)
     return dict(loaded=sorted(state), resized=resized, missing=missing, dropped=dropped)

@@ -18,6 +18,7 @@ from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 
 import data
 import models
+import engine
 import pretrain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -348,25 +349,24 @@ def test_weight_decay_groups_and_lr_schedules_follow_the_recipe():
     model = tiny_simmim('swinv2_tiny')
     args = pretrain.get_args_parser().parse_args(['--model', 'swinv2_tiny', '--epochs', '10', '--warmup-epochs', '2',
                                                   '--batch-size', '64'])
-    loader = type('loader', (), {'__len__': lambda self: 25, 'dataset': range(1600)})()
-    assert '25 steps per epoch' in pretrain.scale_lrs(args, type('run', (), {'world_size': 2})(), loader)
+    assert '25 steps per epoch' in engine.scale_lrs(args, 2, 25)  # 25 batches per process
     assert args.effective_batch == 128 and args.lr == 2e-4 * 128 / 512 and args.min_lr_scaled == 1e-5 / 4
-    optimizer = pretrain.build_optimizer(model, args)
+    optimizer = engine.build_optimizer(model, args)
     decay = {n for n, p in model.named_parameters()
              if any(p is q for g in optimizer.param_groups if g['weight_decay'] > 0 for q in g['params'])}
     assert 'encoder.layers.0.blocks.0.attn.qkv.weight' in decay and 'decoder.0.weight' in decay
     for name in ('encoder.mask_token', 'encoder.layers.0.blocks.0.attn.logit_scale', 'encoder.norm.weight',
                  'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight', 'decoder.0.bias', 'encoder.layers.0.blocks.0.attn.q_bias'):
         assert name not in decay, name
-    steps = 5  # per epoch
+    steps = args.steps_per_epoch = 5
     base, warm, low = args.lr, args.warmup_lr_scaled, args.min_lr_scaled
-    scheduler = pretrain.build_scheduler(optimizer, args, steps)
+    scheduler = engine.build_scheduler(optimizer, args)
     for t in (0, 3, 9, 10, 27, 49):
         scheduler.step_update(t)
         expected = warm + t * (base - warm) / 10 if t < 10 else low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / 50))
         assert optimizer.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-9), t
     args.lr_scheduler, args.multisteps = 'multistep', [6, 8]
-    scheduler = pretrain.build_scheduler(optimizer, args, steps)
+    scheduler = engine.build_scheduler(optimizer, args)
     for t, factor in ((10, 1), (29, 1), (30, .1), (39, .1), (40, .01)):
         scheduler.step_update(t)
         assert optimizer.param_groups[0]['lr'] == pytest.approx(base * factor, rel=1e-9), t
@@ -412,7 +412,7 @@ def test_pretrain_bad_input_is_one_line(tmp_path):
     cases = [
         (tmp_path / 'missing', [], "data path '.*missing' is not a folder"),
         (tmp_path / 'empty', [], 'no images'),
-        (tmp_path / 'data', [], r'2 images make no full step of 4 images'),
+        (tmp_path / 'data', [], r'the images make 0 batches of 4 per process, not one step'),
         (tmp_path / 'data', ['--img-size', '72'], 'not divisible by the encoder stride 32'),
         (tmp_path / 'data', ['--mask-ratio', '0'], r'mask ratio must be in \(0, 1\)'),
     ]
@@ -450,7 +450,7 @@ def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
     args.lr = 1e-2
     run = type('run', (), {'device': torch.device('cpu'), 'distributed': False})()
     scheduler = type('scheduler', (), {'step_update': lambda self, step: None})()
-    trainer = pretrain.Trainer(model, pretrain.build_optimizer(model, args), scheduler, args, run)
+    trainer = engine.Trainer(model, engine.build_optimizer(model, args), scheduler, args, run)
     x = torch.randn(16, 4)
     scale = lambda factor: (lambda batch: model(batch).float().square().mean() * factor)
     snapshot = lambda: copy.deepcopy((model.state_dict(), trainer.optimizer.state_dict()['state']))
@@ -475,9 +475,7 @@ def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
         trainer.check_nonfinite(4)
     state = trainer.state_dict()
     assert state['trainer']['nonfinite_total'] == 3
-    for group in state['optimizer']['param_groups']:
-        group['fused'] = None  # a checkpoint of an earlier version, saved from a non-fused AdamW
-    trainer = pretrain.Trainer(model, pretrain.build_optimizer(model, args), scheduler, args, run)
+    trainer = engine.Trainer(model, engine.build_optimizer(model, args), scheduler, args, run)
     trainer.load_state_dict(state)  # as a resume does
     trainer.step(5, [x], scale(float('nan')))
     assert trainer.check_nonfinite(5) == 4
@@ -486,13 +484,14 @@ def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
 def stop_agreement_worker(rank, port, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
-    run = pretrain.Run(pretrain.get_args_parser().parse_args(['--device', 'cpu', '--output', '.']))
+    run = engine.Run(pretrain.get_args_parser().parse_args(['--device', 'cpu', '--output', '.']))
     try:
         for step in range(10):
             run.sigterm = run.sigterm or (rank == 1 and step == 3)  # only rank 1 is signalled, during step 3
-            if run.stop_requested():
+            means = run.sync(float(rank), 2.0)
+            if run.stopping:
                 break
-        results[rank] = step
+        results[rank] = step, means
     finally:
         run.close()
 
@@ -501,7 +500,7 @@ def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step():
     port = 29500 + os.getpid() % 1000
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(stop_agreement_worker, args=(port, results), nprocs=2)
-    assert dict(results) == {0: 4, 1: 4}  # read one step later, so that the check never waits for the device
+    assert dict(results) == {0: (3, [0.5, 2.0]), 1: (3, [0.5, 2.0])}  # the log line's means, and the stop
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
@@ -585,7 +584,7 @@ def test_layer_decay_follows_the_official_assignment(name):
         assert key in names and scale(key) == pytest.approx(value), key
     args = finetune.get_args_parser().parse_args(['--model', name])
     args.lr = 1.0
-    optimizer = pretrain.build_optimizer(model, args, scale)
+    optimizer = engine.build_optimizer(model, args, scale)
     assert {g['lr_scale'] for g in optimizer.param_groups} == {0.5 ** k for k in range(n + 2)}
 
 
@@ -811,7 +810,7 @@ def test_pickled_checkpoints_need_the_explicit_opt_in(tmp_path):
     state = fixture('ms_simmim_swin.pth')
     state['config'] = argparse_namespace = __import__('argparse').Namespace(model='swin')  # stands for the yacs node
     torch.save(state, tmp_path / 'official.pth')
-    with pytest.raises(ValueError, match='holds pickled Python objects.*--allow-pickle'):
+    with pytest.raises(models.PickledCheckpoint, match='holds pickled Python objects.*allow_pickle=True'):
         models.read_checkpoint(str(tmp_path / 'official.pth'))
     assert models.read_checkpoint(str(tmp_path / 'official.pth'), allow_pickle=True)['config'] == argparse_namespace
     with pytest.raises(SystemExit, match='--allow-pickle'):
@@ -841,7 +840,7 @@ def test_continued_pretraining_from_the_official_checkpoint_keeps_the_decoder(tm
         '--output', str(tmp_path / 'run')]))
     out = capsys.readouterr().out
     assert 'swin_tiny: 142,390 parameters' in out  # the fixture's architecture, read off its weights
-    assert 'ms_simmim_swin.pth: 122 tensors loaded, 0 position tables resized, new: 0, dropped: 0' in out
+    assert 'ms_simmim_swin.pth: 122 tensors loaded, 0 position tables resized, new: -, dropped: 0' in out
 
 
 def test_eval_and_predict_with_a_classifier_of_other_code(tmp_path, capsys):
@@ -1007,7 +1006,7 @@ def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
         start = time.time()
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode != 0 and time.time() - start < 60
-        assert 'error: rank 0: another process of this run died or stopped responding' in out
+        assert re.search('[Tt]imed out', out), out[-2000:]
     finally:
         for pid in (rank1 if 'rank1' in locals() else []):
             try:
@@ -1030,20 +1029,12 @@ def test_attention_with_and_without_sdpa_agree():
                        for m in model.modules())
 
 
-def test_cpu_settings_flush_denormals_and_keep_freed_memory():
-    import resource
+def test_a_cpu_run_flushes_denormals():
     masked = torch.tensor([0., -100.])  # a shifted-window mask entry
     torch.set_flush_denormal(False)
     assert 0 < torch.softmax(masked, 0)[1] < 1.2e-38  # a denormal: tenfold slower matrix products on CPUs
-    pretrain.tune_cpu()
+    engine.Run(pretrain.get_args_parser().parse_args(['--device', 'cpu'])).close()
     assert torch.softmax(masked, 0)[1] == 0
-    if sys.platform == 'linux' and os.confstr('CS_GNU_LIBC_VERSION'):  # glibc: a freed 64 MB buffer is reused
-        faults = []
-        for _ in range(3):
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            torch.ones(16 * 2 ** 20)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        assert faults[-1] < 1000, faults  # 16384 pages: without the setting, every one faults in again
 
 
 def test_benchmark_script_runs(tmp_path):
@@ -1100,7 +1091,7 @@ def weight_gap(model, family, state):
 
 
 def replay_official_steps(family, change=None):
-    """Our model loaded with the official init, trained by pretrain.Trainer on the recorded images, masks and schedule.
+    """Our model loaded with the official init, trained by engine.Trainer on the recorded images, masks and schedule.
     change(args) alters a setting first (negative controls). -> (record, model, optimizer, lrs, losses, grad norms)."""
     rec = fixture(f'ms_steps_{family}.pt')
     model = step_model(family, rec['init'])
@@ -1110,8 +1101,9 @@ def replay_official_steps(family, change=None):
     args.lr, args.warmup_lr_scaled, args.min_lr_scaled = rec['base_lr'], rec['warmup_lr'], rec['min_lr']
     if change:
         change(args)
-    optimizer = pretrain.build_optimizer(model, args)
-    trainer = pretrain.Trainer(model, optimizer, pretrain.build_scheduler(optimizer, args, rec['steps_per_epoch']),
+    optimizer = engine.build_optimizer(model, args)
+    args.steps_per_epoch = rec['steps_per_epoch']
+    trainer = engine.Trainer(model, optimizer, engine.build_scheduler(optimizer, args),
                                args, type('run', (), dict(device=torch.device('cpu'), distributed=False))())
     mean, std = (torch.tensor(rec[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
     lrs, losses, norms = [], [], []
@@ -1157,7 +1149,7 @@ def test_fine_tuning_optimizer_groups_are_the_official_ones(family):
     classifier = models.build_classifier(name, 224, num_classes=10, drop_path_rate=0., **arch)
     args = pretrain.get_args_parser().parse_args(['--model', name])
     args.lr = 1e-3
-    optimizer = pretrain.build_optimizer(classifier, args, finetune.layer_scales(classifier, rec['layer_decay']))
+    optimizer = engine.build_optimizer(classifier, args, finetune.layer_scales(classifier, rec['layer_decay']))
     ours = {n: [g['weight_decay'], g['lr_scale']] for n, p in classifier.named_parameters()
             for g in optimizer.param_groups if any(p is q for q in g['params'])}
     names = official_names(list(rec['finetune_groups']), simmim=False)
@@ -1322,7 +1314,8 @@ def flip_bytes_in_the_largest_tensor(path):
 def test_a_corrupted_checkpoint_is_never_trained_from(tmp_path, capsys):
     write_images(tmp_path / 'data', 8)
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))  # 2 epochs: ckpt_epoch_0.pth, ckpt_epoch_1.pth
-    flip_bytes_in_the_largest_tensor(tmp_path / 'run' / 'checkpoint.pth')  # and ckpt_epoch_1.pth, its hard link
+    for name in ('checkpoint.pth', 'ckpt_epoch_1.pth'):  # failing storage
+        flip_bytes_in_the_largest_tensor(tmp_path / 'run' / name)
     with pytest.raises(SystemExit, match=r"checkpoint '.*checkpoint.pth' is corrupted: its contents do not match"):
         pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--resume',
                                     str(tmp_path / 'run' / 'checkpoint.pth')))
@@ -1341,7 +1334,7 @@ def test_a_corrupted_checkpoint_is_never_trained_from(tmp_path, capsys):
     os.truncate(latest, os.path.getsize(latest) // 2)
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '3', '--accept-changes'))
     out = capsys.readouterr().out
-    assert 'passed over' in out and re.search(r"resumed from .*ckpt_epoch_1.pth at epoch 2", out)  # 2: a link
+    assert 'passed over' in out and re.search(r"resumed from .*ckpt_epoch_2.pth at epoch 3", out)
 
 
 def test_plausible_mistakes_are_one_line_errors(tmp_path):

@@ -6,7 +6,7 @@
     python tools/benchmark.py --data --num-workers 2                             # decoded, augmented, masked images/s
 
 A training step is forward, backward and the optimizer on fixed random images and SimMIM masks, as each code base runs
-it: ours is pretrain.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the mean of
+it: ours is engine.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the mean of
 --steps consecutive steps after --warmup, with the device synchronised only around them (a step that waits for the
 device pays for it). The implementations alternate round by round, since absolute times on shared machines drift: the
 ratio of step times is the figure. Each measurement runs in a fresh process on a CPU (peak memory is the process's
@@ -39,8 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the script
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import models  # noqa: E402
+import engine  # noqa: E402
 import pretrain  # noqa: E402
-from pretrain import autocast  # noqa: E402
 
 
 def get_args_parser():
@@ -95,14 +95,12 @@ def official_simmim(path, name, img_size):
 def training_step(args, impl, amp, device):
     """-> a function running one training step of impl on fixed random images and SimMIM masks.
 
-    ours: pretrain.py's Trainer.step on our model (fused AdamW, clipping, non-finite steps skipped on the device);
+    ours: engine.Trainer.step on our model (fused AdamW, clipping, non-finite steps skipped on the device);
     ours-compile: the same with the model under torch.compile (pretrain.py --compile).
     official: microsoft/SimMIM's model in main_simmim.py's step: AdamW as its build_optimizer makes it (torch's default
     implementation), clip_grad_norm_(5.0), loss.item(); native autocast + GradScaler stand in for its apex amp.
     ours-model: our model in that official step, which separates what the model code gives from what the step gives.
     """
-    if impl.startswith('ours'):
-        pretrain.tune_cpu()  # as the scripts do; the official step runs as main_simmim.py does, without
     torch.manual_seed(0)
     official_model = impl == 'official'
     model = official_simmim(args.official, args.model, args.img_size) if official_model \
@@ -120,15 +118,15 @@ def training_step(args, impl, amp, device):
     mask = torch.stack([masks() for _ in range(args.batch_size)]).to(device)
 
     if impl.startswith('ours') and impl != 'ours-model':
-        targs = pretrain.get_args_parser().parse_args(['--model', args.model, '--amp', amp])
-        targs.lr, targs.warmup_lr_scaled, targs.min_lr_scaled = 1e-4, 1e-7, 1e-6
-        optimizer = pretrain.build_optimizer(model, targs)
-        run = type('run', (), dict(device=device, distributed=False))()
-        trainer = pretrain.Trainer(model, optimizer, pretrain.build_scheduler(optimizer, targs, 1000), targs, run)
+        targs = pretrain.get_args_parser().parse_args(['--model', args.model, '--amp', amp, '--device', device.type])
+        engine.scale_lrs(targs, 1, 1000)  # 1000 steps per epoch
+        run = engine.Run(targs)  # as the scripts' runs: on a CPU it flushes denormals
+        optimizer = engine.build_optimizer(model, targs)
+        trainer = engine.Trainer(model, optimizer, engine.build_scheduler(optimizer, targs), targs, run)
         return lambda i: trainer.step(i, [(x, mask)], lambda batch: model(*batch))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
-    _, amp_context = autocast(amp, device)
+    _, amp_context = engine.autocast(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
 
     def official_step(i):
@@ -276,7 +274,6 @@ def benchmark_steps(args):
 
 def benchmark_data(args):
     """Decoded, augmented and masked images/s through the real loader, on generated ImageNet-size JPEGs."""
-    pretrain.tune_cpu()  # as the scripts do: the workers inherit it
     with tempfile.TemporaryDirectory(prefix='simmim_data_') as folder:
         write_jpegs(folder, args.images)
         rate = data_rate(args, folder)
