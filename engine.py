@@ -175,6 +175,7 @@ class Run:
         self.sigterm = False  # this process got SIGTERM
         self.stopping = False  # some rank got SIGTERM: what the last sync() agreed on
         self.previous_handler = signal.signal(signal.SIGTERM, self.on_sigterm)
+        self.launcher = os.getppid() if self.distributed else None  # torchrun: the ranks end with it
 
     def on_sigterm(self, *_):
         if not self.training:  # before the loop there is nothing to save: stop now
@@ -183,7 +184,10 @@ class Run:
 
     def sync(self, *values):
         """Average numbers over all ranks, and agree on a stop if any rank got SIGTERM. Called at log lines, where the
-        loop waits for the device anyway. -> list of the means."""
+        loop waits for the device anyway. A rank whose torchrun is gone (killed) stops here. -> list of the means."""
+        if self.launcher is not None and os.getppid() != self.launcher:
+            raise SystemExit(f"error: rank {self.rank}: torchrun, which started this process, is gone: stopped; "
+                             f"rerun the command to resume")
         t = torch.tensor([*values, float(self.sigterm)], dtype=torch.float64, device=self.device)
         if self.distributed:
             dist.all_reduce(t)
@@ -418,9 +422,9 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=
             since_log.update(loss=torch.zeros((), device=run.device), steps=0, data_s=0., start=time.time(), skipped=0)
         if it + 1 < steps and (run.stopping or args.save_steps and (it + 1) % args.save_steps == 0):
             save_checkpoint(run, state_fn(epoch, it + 1))
-        if run.stopping and it + 1 < steps:
-            run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; rerun the same command to resume")
-            return None
+            if run.stopping:
+                run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; rerun the same command to resume")
+                return None
     mean_loss, = run.sync(epoch_loss.item() / (steps - start))
     run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}: "
               f"mean loss {mean_loss:.4f}")

@@ -977,43 +977,74 @@ def test_bad_files_are_skipped_and_all_bad_is_one_line(tmp_path, monkeypatch):
         pretrain.main(pretrain_args(bad, tmp_path / 'run'))
 
 
-def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
-    """Freeze rank 1 (SIGSTOP) while training: rank 0's next collective times out after --dist-timeout and the run
-    ends with one line instead of hanging."""
-    import signal
+def training_ranks(tmp_path, *extra):
+    """A 2-rank torchrun pretraining on tmp_path/data, started and logging. -> (torchrun process, {rank: pid})."""
     import time
     write_images(tmp_path / 'data', 8)
     args = ['--model', 'vit_small', '--img-size', '32', '--mask-patch-size', '16', '--embed-dim', '12',
             '--depths', '1', '--num-heads', '2', '--data-path', str(tmp_path / 'data'), '--batch-size', '1',
             '--num-workers', '0', '--epochs', '50', '--warmup-epochs', '0', '--output', str(tmp_path / 'run'),
-            '--print-freq', '1', '--amp', 'off', '--dist-timeout', '0.1']
+            '--print-freq', '1', '--amp', 'off', *extra]
     proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                              os.path.join(HERE, 'pretrain.py'), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(tmp_path / 'run' / 'log.jsonl') and time.time() < deadline:
+        time.sleep(0.5)
+
+    def rank(pid):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as c, open(f'/proc/{pid}/environ', 'rb') as e:
+                if str(tmp_path).encode() in c.read():
+                    return re.search(rb'\0RANK=(\d)\0', b'\0' + e.read())
+        except OSError:
+            return None
+    ranks = {int(m[1]): int(p) for p in os.listdir('/proc') if p.isdigit() and p != str(proc.pid) for m in [rank(p)] if m}
+    return proc, ranks
+
+
+def end_all(proc, pids):
+    import signal
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+
+
+def test_a_hung_rank_stops_the_others_within_the_timeout(tmp_path):
+    """Freeze rank 1 (SIGSTOP) while training: rank 0's next collective times out after --dist-timeout and the run
+    ends with torch's error instead of hanging."""
+    import signal
+    import time
+    proc, ranks = training_ranks(tmp_path, '--dist-timeout', '0.1')
     try:
-        deadline = time.time() + 120
-        while not os.path.exists(tmp_path / 'run' / 'log.jsonl') and time.time() < deadline:
-            time.sleep(0.5)
-        def is_rank1(pid):
-            try:
-                with open(f'/proc/{pid}/cmdline', 'rb') as c, open(f'/proc/{pid}/environ', 'rb') as e:
-                    return str(tmp_path).encode() in c.read() and b'\0RANK=1\0' in b'\0' + e.read()
-            except OSError:
-                return False
-        rank1 = [int(p) for p in os.listdir('/proc') if p.isdigit() and p != str(proc.pid) and is_rank1(p)]
-        assert rank1, 'rank 1 not found'
-        os.kill(rank1[0], signal.SIGSTOP)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGSTOP)
         start = time.time()
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode != 0 and time.time() - start < 60
         assert re.search('[Tt]imed out', out), out[-2000:]
     finally:
-        for pid in (rank1 if 'rank1' in locals() else []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_all(proc, ranks.values())
+
+
+def test_the_ranks_end_with_their_torchrun(tmp_path):
+    """torchrun killed (SIGKILL: it cannot pass anything on): its ranks stop at their next log line instead of
+    training on, orphaned, into the output folder."""
+    import time
+    proc, ranks = training_ranks(tmp_path, '--epochs', '100000')
+    try:
+        assert set(ranks) == {0, 1}, ranks
         proc.kill()
+        deadline = time.time() + 60
+        while any(os.path.exists(f'/proc/{pid}') and open(f'/proc/{pid}/stat').read().split()[2] != 'Z'
+                  for pid in ranks.values()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert time.time() < deadline, 'the ranks outlived their torchrun'
+    finally:
+        end_all(proc, ranks.values())
 
 
 def test_attention_with_and_without_sdpa_agree():
