@@ -257,7 +257,8 @@ def autocast(amp, device):
     if amp is None and device.type == 'cuda':
         amp = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
     elif amp is None:
-        native = [getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+        native = [getattr(torch.cpu, f, lambda: False)()
+                  for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
         amp = 'bf16' if any(native) else 'off'
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
     return amp, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -631,7 +632,8 @@ def start_output(run, args):
     except OSError as e:
         raise SystemExit(f"error: --output '{args.output}' is not writable ({e.strerror}); choose another folder")
     if run.main:
-        info = dict(args=vars(args), world_size=run.world_size, device=str(run.device), python=platform.python_version(),
+        info = dict(args=vars(args), world_size=run.world_size, device=str(run.device),
+                    python=platform.python_version(),
                     torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
                     command=' '.join(sys.argv), started=datetime.datetime.now().isoformat(timespec='seconds'))
         save_atomic(lambda f: f.write(json.dumps(info, indent=1).encode()), os.path.join(args.output, 'args.json'))

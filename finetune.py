@@ -1,6 +1,7 @@
 """Fine-tuning, evaluation and inference of SimMIM-pretrained encoders.
 
-    torchrun --nproc_per_node 8 finetune.py --pretrained output/simmim_pretrain/checkpoint.pth --data-path /data/imagenet
+    torchrun --nproc_per_node 8 finetune.py --pretrained output/simmim_pretrain/checkpoint.pth \
+        --data-path /data/imagenet
     python finetune.py --eval --resume output/simmim_finetune/best.pth --data-path /data/imagenet
     python finetune.py --predict photo.jpg photos/ --resume output/simmim_finetune/best.pth
 
@@ -152,8 +153,8 @@ def load_data(args, normalize):
             raise ValueError(f"class folder(s) without images in '{train}': {', '.join(empty[:5])}; add images or "
                              f"remove the folder")
         args.classes = datasets['train'].classes
-    datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), data.eval_transform(args.img_size, normalize),
-                                        args.in_chans, args.classes)
+    transform = data.eval_transform(args.img_size, normalize)
+    datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, args.classes)
     datasets['val'].load(0)  # a readable validation image now, not after the first epoch
     args.classes = args.classes or datasets['val'].classes
     if args.num_classes and len(args.classes) > args.num_classes:  # labels past the classifier's outputs

@@ -382,8 +382,9 @@ def read_checkpoint(path, allow_pickle=False):
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
         if not found:
             raise
-        raise PickledCheckpoint(f"'{path}' holds pickled Python objects ({found[1]}), as official SimMIM checkpoints "
-                                f"store their config; loading them (allow_pickle=True) runs code from the file") from None
+        raise PickledCheckpoint(f"'{path}' holds pickled Python objects ({found[1]}), as official SimMIM "
+                                f"checkpoints store their config; loading them (allow_pickle=True) runs code from the "
+                                f"file") from None
 
 
 def _shift_downsample(state):
@@ -497,7 +498,8 @@ def load_pretrained(model, checkpoint):
     if vit and 'rel_pos_bias.relative_position_bias_table' in state and 'rel_pos_bias.relative_position_bias_table' \
             not in target:  # pretrained with one shared table, fine-tuned with one per block
         shared = state.pop('rel_pos_bias.relative_position_bias_table')
-        state.update({f'blocks.{i}.attn.relative_position_bias_table': shared.clone() for i in range(len(model.blocks))})
+        state.update({f'blocks.{i}.attn.relative_position_bias_table': shared.clone()
+                      for i in range(len(model.blocks))})
     dropped = [k for k in state if k not in target and (k.startswith(('decoder.', 'mask_token', 'head.'))
                                                         or vit and k.startswith('norm.'))]
     dropped += [k for k in state if k.startswith('head.') and k in target and state[k].shape != target[k].shape]

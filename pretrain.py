@@ -26,7 +26,8 @@ def get_args_parser():
     g = p.add_argument_group('model')
     g.add_argument('--model', default=None, choices=list(models.MODELS),
                    help="encoder (default: --pretrained's, else swin_base)")
-    g.add_argument('--img-size', type=engine.SIZE, default=None, help='input size in pixels (default: 192 Swin, 224 ViT)')
+    g.add_argument('--img-size', type=engine.SIZE, default=None,
+                   help='input size in pixels (default: 192 Swin, 224 ViT)')
     engine.add_arch_args(g)
     g.add_argument('--pretrained', default=None,
                    help='continue pretraining from these weights (any supported layout; the decoder too if present)')

@@ -356,14 +356,16 @@ def test_weight_decay_groups_and_lr_schedules_follow_the_recipe():
              if any(p is q for g in optimizer.param_groups if g['weight_decay'] > 0 for q in g['params'])}
     assert 'encoder.layers.0.blocks.0.attn.qkv.weight' in decay and 'decoder.0.weight' in decay
     for name in ('encoder.mask_token', 'encoder.layers.0.blocks.0.attn.logit_scale', 'encoder.norm.weight',
-                 'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight', 'decoder.0.bias', 'encoder.layers.0.blocks.0.attn.q_bias'):
+                 'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight', 'decoder.0.bias',
+                 'encoder.layers.0.blocks.0.attn.q_bias'):
         assert name not in decay, name
-    steps = args.steps_per_epoch = 5
+    args.steps_per_epoch = 5
     base, warm, low = args.lr, args.warmup_lr_scaled, args.min_lr_scaled
     scheduler = engine.build_scheduler(optimizer, args)
     for t in (0, 3, 9, 10, 27, 49):
         scheduler.step_update(t)
-        expected = warm + t * (base - warm) / 10 if t < 10 else low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / 50))
+        cosine = low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / 50))
+        expected = warm + t * (base - warm) / 10 if t < 10 else cosine
         assert optimizer.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-9), t
     args.lr_scheduler, args.multisteps = 'multistep', [6, 8]
     scheduler = engine.build_scheduler(optimizer, args)
@@ -682,7 +684,8 @@ def test_linear_probe_trains_only_the_head(finetuned, tmp_path, capsys):
     pre = torch.load(finetuned / 'pre' / 'checkpoint.pth', weights_only=True)['model']
     probe = torch.load(tmp_path / 'lp' / 'checkpoint.pth', weights_only=True)
     assert probe['args']['linear_probe'] and probe['args']['mixup'] == 0
-    assert torch.equal(probe['model']['layers.2.blocks.0.mlp.fc1.weight'], pre['encoder.layers.2.blocks.0.mlp.fc1.weight'])
+    key = 'layers.2.blocks.0.mlp.fc1.weight'
+    assert torch.equal(probe['model'][key], pre['encoder.' + key])
     assert 'head.fc.0.running_mean' in probe['model']  # the BatchNorm
     assert 'swin_tiny: 130 trainable parameters' in capsys.readouterr().out  # Linear(64, 2)
     finetune.main(finetune.get_args_parser().parse_args([  # in timm: the BatchNorm folded into a plain linear head
@@ -999,7 +1002,8 @@ def training_ranks(tmp_path, *extra):
                     return re.search(rb'\0RANK=(\d)\0', b'\0' + e.read())
         except OSError:
             return None
-    ranks = {int(m[1]): int(p) for p in os.listdir('/proc') if p.isdigit() and p != str(proc.pid) for m in [rank(p)] if m}
+    found = {p: rank(p) for p in os.listdir('/proc') if p.isdigit() and p != str(proc.pid)}
+    ranks = {int(m[1]): int(p) for p, m in found.items() if m}
     return proc, ranks
 
 
