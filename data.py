@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff')
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.npy')
 
 
 class MaskGenerator:
@@ -49,8 +49,8 @@ class MaskGenerator:
 
 
 class ToNormalizedTensor:
-    """PIL image -> float tensor (C, H, W) = (pixels / 255 - mean) / std: torchvision's ToTensor and Normalize in one
-    pass."""
+    """PIL image, or float tensor on the same 0-255 scale (load_image) -> float tensor (C, H, W) =
+    (pixels / 255 - mean) / std: torchvision's ToTensor and Normalize in one pass."""
 
     def __init__(self, mean, std):
         self.mean, self.std = list(mean), list(std)
@@ -58,7 +58,8 @@ class ToNormalizedTensor:
         self.scale, self.shift = 1 / (255 * std), -torch.tensor(self.mean).view(-1, 1, 1) / std
 
     def __call__(self, img):
-        return torch.addcmul(self.shift, T.functional.pil_to_tensor(img), self.scale)
+        pixels = img if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img)
+        return torch.addcmul(self.shift, pixels, self.scale)
 
 
 def normalization(in_chans, mean=None, std=None):
@@ -76,13 +77,14 @@ def normalization(in_chans, mean=None, std=None):
 
 
 class PretrainTransform:
-    """image -> (normalised tensor, mask): RandomResizedCrop(scale 0.67-1, bilinear), horizontal flip, the mask."""
+    """image -> (normalised tensor, mask): RandomResizedCrop(area scale-1, bilinear), horizontal flip, the mask. The
+    official values: scale 0.67, flip probability 0.5."""
 
-    def __init__(self, img_size, mask_generator, normalize):
+    def __init__(self, img_size, mask_generator, normalize, scale=0.67, hflip=0.5):
         self.transform = T.Compose([
-            T.RandomResizedCrop(img_size, scale=(0.67, 1.), ratio=(3. / 4., 4. / 3.),
+            T.RandomResizedCrop(img_size, scale=(scale, 1.), ratio=(3. / 4., 4. / 3.),
                                 interpolation=T.InterpolationMode.BILINEAR),
-            T.RandomHorizontalFlip(),
+            T.RandomHorizontalFlip(hflip),
             normalize,
         ])
         self.mask_generator = mask_generator
@@ -103,15 +105,21 @@ def eval_transform(img_size, normalize, crop_pct=224 / 256):
 def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, scale=0.08,
                        hflip=0.5):
     """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic, area scale-1),
-    flip, RandAugment, normalisation, random erasing (pixel mode, one box); posterize works with any Pillow."""
+    flip, RandAugment, normalisation, random erasing (pixel mode, one box); posterize works with any Pillow. Its
+    ToTensor + Normalize become normalize, which also takes load_image's tensors (RandAugment takes 8-bit images)."""
     transform = create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
                                  auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
                                  re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std)
+    steps = []
     for t in transform.transforms:
         for op in getattr(t, 'ops', []):  # RandAugment's
             if op.name.startswith('Posterize'):
                 op.aug_fn = posterize
-    return transform
+        if isinstance(t, T.Normalize):
+            steps.append(normalize)
+        elif not isinstance(t, T.ToTensor):
+            steps.append(t)
+    return T.Compose(steps)
 
 
 def posterize(img, bits_to_keep, **_):
@@ -122,29 +130,68 @@ def posterize(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
 
 
-def load_image(path, in_chans=3):
-    """Open any image as the model's channels: 'RGB' for 3, 'L' for 1.
+def load_image(path, in_chans=3, intensity='type'):
+    """Open an image for a model of in_chans channels.
 
-    EXIF orientation is applied (photos come out as viewers show them); transparency is composited on white; 16-bit
-    and 32-bit integer images are scaled from 0-65535 to 0-255, float images from their own min-max range.
+    8-bit images come as PIL images, 'RGB' for 3 channels or 'L' for 1: EXIF orientation applied, transparency on
+    white. Images of more bits (16-bit PNG or TIFF, float TIFF) and .npy arrays (H x W or H x W x C) come as float
+    tensors (in_chans, H, W) on the same 0-255 scale, with their precision, by the intensity rule:
+    'type': integers as a fraction of their type's range (0-65535 for 16 bits), floats from their own min-max;
+    'image': each image's own min-max; 'percentile': each image's 0.5-99.5 percentiles; a number: the value that
+    becomes white (4095 for 12-bit data in 16-bit files). Values outside are clipped; NaN becomes black. One channel
+    is repeated for 3-channel models, RGB turned grey for 1-channel models.
     """
-    with Image.open(path) as img:
-        img.load()  # a truncated file fails here
-        if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation; exif_transpose would copy even an upright image
-            img = ImageOps.exif_transpose(img)
-    if img.mode.startswith('I'):
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-    elif img.mode == 'F':  # its own range, NaN pixels black
-        a = np.asarray(img, dtype=np.float64)
-        finite = a[np.isfinite(a)]
-        low, high = (finite.min(), finite.max()) if finite.size else (0., 1.)
-        a = np.nan_to_num(np.clip(a, low, high), nan=low)
-        img = Image.fromarray((255 * (a - low) / max(high - low, 1e-12)).astype(np.uint8))
-    if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
-        img = img.convert('RGBA')
-        img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
-    mode = 'L' if in_chans == 1 else 'RGB'
-    return img if img.mode == mode else img.convert(mode)
+    if str(path).lower().endswith('.npy'):
+        pixels, type_max = np.load(path, allow_pickle=False), None
+    else:
+        with Image.open(path) as img:
+            img.load()  # a truncated file fails here
+            if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation; exif_transpose would copy even an upright image
+                img = ImageOps.exif_transpose(img)
+        if not img.mode.startswith(('I', 'F')):  # 8 bits per channel
+            if in_chans not in (1, 3):
+                raise ValueError(f"{path}: image files give 1 or 3 channels, not {in_chans}; store {in_chans}-channel "
+                                 f"data as .npy arrays (H x W x {in_chans})")
+            if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
+                img = img.convert('RGBA')
+                img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
+            mode = 'L' if in_chans == 1 else 'RGB'
+            return img if img.mode == mode else img.convert(mode)
+        pixels, type_max = np.asarray(img), (None if img.mode == 'F' else 65535)
+    if pixels.dtype.kind in 'ui':
+        type_max = type_max or np.iinfo(pixels.dtype).max
+    elif pixels.dtype.kind != 'f':
+        raise ValueError(f"{path}: an array of {pixels.dtype}, not of numbers")
+    pixels = pixels.astype(np.float32)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1) if pixels.ndim == 3 else None
+    if pixels is None or not pixels.size:
+        raise ValueError(f"{path}: not an image (H x W or H x W x C)")
+    if len(pixels) != in_chans and (len(pixels), in_chans) not in ((1, 3), (3, 1)):
+        raise ValueError(f"{path} has {len(pixels)} channels, the model takes {in_chans} (--in-chans)")
+    finite = pixels[np.isfinite(pixels)]
+    if intensity == 'percentile' and finite.size:
+        low, high = np.percentile(finite, (0.5, 99.5))
+    elif (intensity == 'image' or intensity == 'type' and type_max is None) and finite.size:
+        low, high = finite.min(), finite.max()
+    elif intensity in ('type', 'image', 'percentile'):
+        low, high = 0., float(type_max or 1)
+    else:
+        low, high = 0., float(intensity)
+    if intensity == 'type' and type_max and finite.size and finite.max() < type_max / 16 and not _warned:
+        _warned.append(path)
+        warnings.warn(f"{path}: its pixels reach {finite.max():.0f} of {type_max} (12-bit data in 16-bit files?), so "
+                      f"it reads nearly black with the 'type' intensity rule; give the data's maximum, 'image' or "
+                      f"'percentile' instead")
+    pixels = (np.clip(np.nan_to_num(pixels, nan=low), low, high) - low) * (255 / max(high - low, 1e-12))
+    pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    if len(pixels) == 1 and in_chans == 3:
+        return pixels.expand(3, -1, -1).clone()
+    if len(pixels) == 3 and in_chans == 1:
+        return torch.tensordot(torch.tensor([0.299, 0.587, 0.114]), pixels, 1)[None]  # as PIL's 'L'
+    return pixels
+
+
+_warned = []  # load_image warns once per process of data using a small part of its type's range
 
 
 def find_images(root):
@@ -194,18 +241,15 @@ def find_images(root):
 
 
 class ImageDataset(Dataset):
-    """Images under a folder (recursively) -> (transform(image), label, skipped).
+    """Images under a folder (recursively) -> (transform(image), label, skipped); images as load_image reads them.
 
     A file that cannot be read is skipped with a warning naming it, and the next one is used instead; `skipped` counts
     such files so that the training log can report them. An index may come as (index, seed) from SeededSampler: the
     transform then runs under that seed (see seeded), so augmentations and masks do not depend on workers or restarts.
     """
 
-    def __init__(self, root, transform, in_chans=3, classes=None):
-        if in_chans not in (1, 3):
-            raise ValueError(f"image files give 1 (grayscale) or 3 (RGB) channels, not {in_chans}; for other data "
-                             f"(e.g. multispectral) use a Dataset that returns ({in_chans}, H, W) tensors")
-        self.root = root
+    def __init__(self, root, transform, in_chans=3, classes=None, intensity='type'):
+        self.root, self.intensity = root, intensity
         samples, self.classes = find_images(root)
         if classes is not None:  # e.g. val/ labelled with train/'s class indices
             stray = [p for p, _ in samples if os.sep not in os.path.relpath(p, root)]
@@ -240,10 +284,11 @@ class ImageDataset(Dataset):
         for skipped in range(len(self)):
             path, label = self.sample((index + skipped) % len(self))
             try:
-                return load_image(path, self.in_chans), label, skipped
+                return load_image(path, self.in_chans, self.intensity), label, skipped
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 warnings.warn(f"skipping unreadable image {path}: {e}")
-        raise ValueError(f"none of the {len(self)} image files under '{self.root}' could be read")
+                last = e
+        raise ValueError(f"none of the {len(self)} image files under '{self.root}' could be read (the last: {last})")
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -252,6 +297,19 @@ class ImageDataset(Dataset):
             return self.transform(img), label, skipped
         with seeded(seed):
             return self.transform(img), label, skipped
+
+
+def folder_stats(dataset, max_images=1000):
+    """Per-channel mean and std of the pixels (0-1 scale) of up to max_images images spread over dataset, as it loads
+    them: the normalisation that brings the data to mean 0 and std 1. -> (mean list, std list, images used)."""
+    index = sorted(set(np.linspace(0, len(dataset) - 1, min(max_images, len(dataset))).round().astype(int).tolist()))
+    total = squares = count = 0
+    for i in index:
+        img = dataset.load(i)[0]
+        pixels = (img if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img)).double().flatten(1) / 255
+        total, squares, count = total + pixels.sum(1), squares + pixels.square().sum(1), count + pixels.shape[1]
+    mean = total / count
+    return mean.tolist(), (squares / count - mean.square()).clamp(min=0).sqrt().tolist(), len(index)
 
 
 @contextlib.contextmanager

@@ -69,7 +69,8 @@ def add_arch_args(g):
     g.add_argument('--embed-dim', type=SIZE, default=None, help="width of the first stage (default: the model's)")
     g.add_argument('--depths', type=SIZE, nargs='+', default=None, help="blocks per stage, ViT: one number")
     g.add_argument('--num-heads', type=SIZE, nargs='+', default=None, help="heads per stage, ViT: one number")
-    g.add_argument('--in-chans', type=SIZE, default=None, help='image channels: 3 (RGB, default) or 1 (grayscale)')
+    g.add_argument('--in-chans', type=SIZE, default=None,
+                   help="image channels: 3 RGB (default, or the checkpoint's), 1 grey, any for .npy arrays (H x W x C)")
     g.add_argument('--drop-path', type=AMOUNT, default=None, help='stochastic depth (default: the official config)')
     g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, slower')
 
@@ -86,8 +87,25 @@ def arch_overrides(args):
                 **{'depth' if vit else 'depths': stages(args.depths)})
 
 
+def intensity_rule(text):
+    """--intensity: a rule name, or the value that becomes white."""
+    if text in ('type', 'image', 'percentile'):
+        return text
+    try:
+        if float(text) > 0:
+            return float(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"use type, image, percentile or a positive number, got {text}")
+
+
 def add_data_args(g, data_help):
     g.add_argument('--data-path', default=None, help=data_help)
+    g.add_argument('--intensity', type=intensity_rule, default=None,
+                   help="how images of more than 8 bits and .npy arrays become 0-1: 'type' (default: integers by "
+                        "their type's range, floats by their own min-max), 'image' (each image's min-max), "
+                        "'percentile' (each image's 0.5-99.5 percentiles), or the value that becomes white (e.g. "
+                        "4095 for 12-bit data in 16-bit files)")
     g.add_argument('--batch-size', type=SIZE, default=128, help='images per GPU (per process) and micro-step')
     g.add_argument('--num-workers', type=COUNT, default=8, help='data loading processes per GPU')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean of 0-1 pixels (default: '
@@ -243,7 +261,8 @@ def launch(body, args):
 
 
 def normalization(args):
-    """data.normalization of --mean / --std, which it sets on args (the checkpoints carry them)."""
+    """data.normalization of --mean / --std, which it sets on args (the checkpoints carry them, and --intensity)."""
+    args.intensity = args.intensity or 'type'
     try:
         normalize = data.normalization(args.in_chans, args.mean, args.std)
     except ValueError as e:
@@ -576,7 +595,7 @@ def resume_position(checkpoint, steps_per_epoch):
 
 
 # The flags a checkpoint carries over to a new run (fine-tuning, continued pretraining)
-ARCH_FLAGS = ('model', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans', 'mean', 'std')
+ARCH_FLAGS = ('model', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans', 'mean', 'std', 'intensity')
 # The flags that set the optimization trajectory: a resumed run keeps them unless --accept-changes
 TRAJECTORY_FLAGS = ('epochs', 'warmup_epochs', 'base_lr', 'warmup_lr', 'min_lr', 'lr_scheduler', 'multisteps',
                     'gamma', 'weight_decay', 'clip_grad', 'accumulation_steps', 'effective_batch', 'seed',
@@ -584,8 +603,11 @@ TRAJECTORY_FLAGS = ('epochs', 'warmup_epochs', 'base_lr', 'warmup_lr', 'min_lr',
 
 
 def inherit(args, saved, names=ARCH_FLAGS):
-    """Fill the flags the user left unset from a checkpoint's saved args."""
+    """Fill the flags the user left unset from a checkpoint's saved args; not its normalisation for other channels."""
+    other_channels = args.in_chans is not None and args.in_chans != saved.get('in_chans', 3)
     for name in names:
+        if other_channels and name in ('mean', 'std'):
+            continue
         if getattr(args, name, None) is None and saved.get(name) is not None:
             setattr(args, name, saved[name])
 
@@ -611,7 +633,8 @@ def load_pretrained(model, checkpoint, path, run):
         raise SystemExit(f"error: '{path}': {e}; pass the --model and architecture flags it was trained with") from None
     dropped = ', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'
     run.print(f"{path}: {len(report['loaded'])} tensors loaded, {len(report['resized'])} position tables resized, "
-              f"new: {', '.join(report['missing']) or '-'}, dropped: {len(report['dropped'])} ({dropped})")
+              f"new: {', '.join(report['missing']) or '-'}, dropped: {len(report['dropped'])} ({dropped})"
+              + (f"; patch embedding adapted from {report['adapted'][1]} (timm's rule)" if report['adapted'] else ''))
     return report
 
 

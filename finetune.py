@@ -10,6 +10,9 @@ images, layer decay 0.9, drop path 0.1, RandAugment, random erasing, mixup/cutmi
 machinery (distributed run, optimizer, AMP step, checkpoints, logging) is engine.py's, shared with pretrain.py.
 """
 import argparse
+import csv
+import io
+import math
 import os
 import time
 
@@ -29,10 +32,24 @@ import models
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
 # What a resumed, evaluated or used checkpoint carries over: the whole classifier
 CLASSIFIER_FLAGS = engine.ARCH_FLAGS + ('window_size', 'img_size', 'num_classes', 'classes', 'linear_probe',
-                                        'pretrained_window_sizes')
+                                        'pretrained_window_sizes', 'vit_norm', 'crop_pct')
+# The timm model each of ours is (the printed timm.create_model call sets every field that differs)
+TIMM_NAMES = {'swin_tiny': 'swin_tiny_patch4_window7_224', 'swin_small': 'swin_small_patch4_window7_224',
+              'swin_base': 'swin_base_patch4_window7_224', 'swin_large': 'swin_large_patch4_window7_224',
+              'swinv2_tiny': 'swinv2_tiny_window8_256', 'swinv2_small': 'swinv2_small_window8_256',
+              'swinv2_base': 'swinv2_base_window8_256', 'swinv2_large': 'swinv2_large_window12_192',
+              'vit_small': 'beit_base_patch16_224', 'vit_base': 'beit_base_patch16_224',
+              'vit_large': 'beit_large_patch16_224'}
 # Besides engine.TRAJECTORY_FLAGS, what a resumed fine-tuning must keep
 FINETUNE_FLAGS = ('layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
                   'reprob', 'scale', 'hflip')
+
+
+def at_most_one(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def get_args_parser():
@@ -44,6 +61,9 @@ def get_args_parser():
     g.add_argument('--img-size', type=engine.SIZE, default=None, help='input size in pixels (default 224)')
     engine.add_arch_args(g)
     g.add_argument('--num-classes', type=engine.SIZE, default=None, help='default: the class folders of DATA/train')
+    g.add_argument('--vit-norm', default=None, choices=['fc', 'final'],
+                   help="ViT's pooled features: 'fc' mean-pools, then a new LayerNorm (the official fine-tuning, "
+                        "default); 'final' keeps the pretrained final norm on the tokens (an exported encoder's)")
     g.add_argument('--linear-probe', action='store_true', default=None,
                    help='freeze the encoder, train BatchNorm + linear on pooled features (no mixup, RandAugment, '
                         'erasing, smoothing, weight decay)')
@@ -58,6 +78,9 @@ def get_args_parser():
     g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
     g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
     g.add_argument('--smoothing', type=engine.AMOUNT, default=0.1, help='label smoothing')
+    g.add_argument('--crop-pct', type=at_most_one, default=None,
+                   help='evaluation and prediction: resize to img size / crop pct, center crop (default 0.875; 1 '
+                        'keeps the borders)')
     engine.add_data_args(p.add_argument_group('data'), 'folder with train/ and val/ class folders (ImageNet layout)')
     engine.add_optim_args(p, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
     p.add_argument('--layer-decay', type=engine.AMOUNT, default=None,
@@ -68,6 +91,7 @@ def get_args_parser():
     g.add_argument('--throughput', action='store_true', help="print the model's inference images/s and exit")
     g.add_argument('--predict', nargs='+', default=None, metavar='IMG',
                    help='print the top-5 classes of these images (files or folders) with the --resume checkpoint')
+    g.add_argument('--predict-csv', default=None, metavar='PATH', help='also write the predictions to this CSV file')
     g.add_argument('--export', default=None, metavar='PATH',
                    help="write the --pretrained encoder (at --img-size) or the --resume classifier as a timm state "
                         "dict and print the timm.create_model call that loads it")
@@ -106,8 +130,10 @@ def layer_scales(model, decay):
 
 
 def build_model(args):
+    vit = {'use_fc_norm': args.vit_norm != 'final'} if models.MODELS[args.model]['family'] == models.VIT else {}
     model = models.build_classifier(args.model, args.img_size, args.num_classes, args.use_checkpoint,
-                                    pretrained_window_sizes=args.pretrained_window_sizes, **engine.arch_overrides(args))
+                                    pretrained_window_sizes=args.pretrained_window_sizes, **engine.arch_overrides(args),
+                                    **vit)
     if args.linear_probe:  # frozen encoder, BatchNorm (no affine) + linear on the pooled features
         for p in model.parameters():
             p.requires_grad = False
@@ -142,8 +168,10 @@ def load_data(args, normalize):
     if not args.eval:
         train = os.path.join(args.data_path, 'train')
         transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale, args.hflip)
-        datasets['train'] = data.ImageDataset(train, transform, args.in_chans, classes=args.classes)
-        datasets['train'].load(0)  # at least one readable image
+        datasets['train'] = data.ImageDataset(train, transform, args.in_chans, args.classes, args.intensity)
+        if isinstance(datasets['train'].load(0)[0], torch.Tensor) and args.aa:  # at least one readable image, 8-bit?
+            raise ValueError(f"RandAugment (--aa) works on 8-bit images, and '{train}' holds images of more bits or "
+                             f".npy arrays: pass --aa ''")
         if not datasets['train'].classes:
             raise ValueError(f"'{train}' has no class folders, or images outside them: put each class's images in a "
                              f"folder of its own")
@@ -153,8 +181,9 @@ def load_data(args, normalize):
             raise ValueError(f"class folder(s) without images in '{train}': {', '.join(empty[:5])}; add images or "
                              f"remove the folder")
         args.classes = datasets['train'].classes
-    transform = data.eval_transform(args.img_size, normalize)
-    datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, args.classes)
+    transform = data.eval_transform(args.img_size, normalize, args.crop_pct)
+    datasets['val'] = data.ImageDataset(os.path.join(args.data_path, 'val'), transform, args.in_chans, args.classes,
+                                        args.intensity)
     datasets['val'].load(0)  # a readable validation image now, not after the first epoch
     args.classes = args.classes or datasets['val'].classes
     if args.num_classes and len(args.classes) > args.num_classes:  # labels past the classifier's outputs
@@ -172,22 +201,35 @@ def load_data(args, normalize):
 
 @torch.no_grad()
 def evaluate(model, loader, run, amp_context):
-    """Top-1, top-5 (%) and loss over all ranks; every readable validation image counts exactly once."""
+    """Over all ranks, every readable validation image exactly once: loss, top-1 and top-5 (%; top-5 only with more
+    than 5 classes), per-class top-1 (%) and the confusion matrix (rows: true class, columns: predicted)."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, top-1, top-5, images
+    k = model.num_classes
+    totals = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss, top-5 hits, images
+    confusion = torch.zeros(k * k, dtype=torch.int64, device=run.device)
     for images, targets, skipped in loader:
         readable = (skipped == 0).to(run.device)  # an unreadable file's stand-in is counted with its own index
         images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
         with amp_context:
             logits = model(images).float()
         loss = F.cross_entropy(logits, targets, reduction='none')
-        hits = logits.topk(min(5, logits.shape[1]), 1).indices.eq(targets[:, None])
-        totals += torch.stack([(loss * readable).sum(), (hits[:, 0] & readable).sum(), (hits.any(1) & readable).sum(),
-                               readable.sum()]).double()
+        top5 = logits.topk(min(5, k), 1).indices.eq(targets[:, None]).any(1)
+        totals += torch.stack([(loss * readable).sum(), (top5 & readable).sum(), readable.sum()]).double()
+        confusion += torch.bincount((targets * k + logits.argmax(1))[readable.bool()], minlength=k * k)
     if run.distributed:
         dist.all_reduce(totals)
-    loss, top1, top5, n = totals.tolist()
-    return dict(loss=loss / max(n, 1), acc1=100 * top1 / max(n, 1), acc5=100 * top5 / max(n, 1), images=int(n))
+        dist.all_reduce(confusion)
+    confusion = confusion.view(k, k)
+    (loss, top5, n), hits = totals.tolist(), confusion.diag()
+    return dict(loss=loss / max(n, 1), acc1=100 * hits.sum().item() / max(n, 1),
+                acc5=100 * top5 / max(n, 1) if k > 5 else None, images=int(n),
+                per_class=(100 * hits / confusion.sum(1).clamp(min=1)).tolist(), confusion=confusion.tolist())
+
+
+def accuracy_line(stats):
+    """'top-1 ..% [top-5 ..%] loss .. on N images'"""
+    return f"top-1 {stats['acc1']:.2f}% " + (f"top-5 {stats['acc5']:.2f}% " if stats['acc5'] is not None else '') + \
+        f"loss {stats['loss']:.4f} on {stats['images']} images"
 
 
 @torch.no_grad()
@@ -208,8 +250,9 @@ def throughput(model, args, run, amp_context, steps=10):
 
 
 @torch.no_grad()
-def predict(model, paths, classes, transform, in_chans, run, amp_context, k=5):
-    files = []
+def predict(model, paths, classes, transform, args, run, amp_context, k=5):
+    """Print each image's top-k classes (k up to the number of classes); write them to --predict-csv too."""
+    files, rows, k = [], [], min(k, len(classes))
     for path in paths:
         if not os.path.exists(path):
             raise SystemExit(f"error: --predict '{path}' does not exist")
@@ -221,20 +264,27 @@ def predict(model, paths, classes, transform, in_chans, run, amp_context, k=5):
     for path in files:
         name = os.fsencode(path).decode(errors='replace')  # printable under any locale
         try:
-            image = transform(data.load_image(path, in_chans))[None].to(run.device)
+            image = transform(data.load_image(path, args.in_chans, args.intensity))[None].to(run.device)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             print(f"{name}: unreadable ({e})", flush=True)
+            rows.append([name, 'unreadable'])
             continue
         with amp_context:
             probs = model(image).float().softmax(1)[0]
-        top = probs.topk(min(k, len(probs)))
-        print(f"{name}: " + ', '.join(f"{classes[i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(),
-                                                                                  top.indices.tolist())))
+        top = probs.topk(k)
+        guesses = [(classes[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        print(f"{name}: " + ', '.join(f"{c} {100 * p:.1f}%" for c, p in guesses), flush=True)
+        rows.append([name] + [v for c, p in guesses for v in (c, f'{p:.6f}')])
+    if args.predict_csv:
+        table = io.StringIO()
+        csv.writer(table).writerows([['image'] + [f'{v}_{i + 1}' for i in range(k) for v in ('class', 'score')]] + rows)
+        engine.save_atomic(lambda f: f.write(table.getvalue().encode()), args.predict_csv)
+        print(f"wrote {args.predict_csv}")
 
 
 def export(model, args, run):
-    """Write the classifier (or head-less encoder) as a timm state dict, a linear probe's BatchNorm (no affine) folded
-    into its linear head; print the timm.create_model call that loads it."""
+    """Write the classifier (or head-less encoder) for timm: its state dict, a linear probe's BatchNorm (no affine)
+    folded into the linear head, with the preprocessing as timm's pretrained_cfg; print the call that loads both."""
     state = model.state_dict()
     head = 'head.fc.' if 'head.fc.1.weight' in state else 'head.'
     if head + '1.weight' in state:
@@ -244,17 +294,21 @@ def export(model, args, run):
         state.pop(head + '0.num_batches_tracked', None)
         weight = state.pop(head + '1.weight') * scale
         state[head + 'weight'], state[head + 'bias'] = weight, state.pop(head + '1.bias') - weight @ mean
+    cfg = dict(input_size=(args.in_chans, args.img_size, args.img_size), mean=tuple(args.mean), std=tuple(args.std),
+               interpolation='bicubic', crop_pct=args.crop_pct, num_classes=args.num_classes,
+               label_names=tuple(args.classes) if args.classes else None)
     if run.main:
-        engine.save_atomic(lambda f: torch.save(state, f), args.export)
+        engine.save_atomic(lambda f: torch.save(dict(state_dict=state, pretrained_cfg=cfg), f), args.export)
         family, kw = models.model_kwargs(args.model, args.img_size, False, **engine.arch_overrides(args),
                                          pretrained_window_sizes=args.pretrained_window_sizes)
-        name = {models.SWIN: 'swin_base_patch4_window7_224', models.SWINV2: 'swinv2_base_window8_256',
-                models.VIT: 'beit_base_patch16_224'}[family]
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if k not in ('drop_path_rate',
                                                                                               'init_values')}
+        if family == models.VIT:
+            kw['use_fc_norm'] = args.vit_norm != 'final'
         shown = ', '.join(f"{k}={v!r}" for k, v in kw.items())
-        run.print(f"wrote {args.export}; in timm: timm.create_model('{name}', {shown}, num_classes={args.num_classes}, "
-                  f"checkpoint_path='{args.export}')")
+        run.print(f"wrote {args.export}; in timm: timm.create_model('{TIMM_NAMES[args.model]}', {shown}, num_classes="
+                  f"{args.num_classes}, checkpoint_path='{args.export}', pretrained_cfg_overlay=torch.load("
+                  f"'{args.export}')['pretrained_cfg'])")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,7 +331,10 @@ def start(args, run):
                          f"start from it with --pretrained")
     saved = source['args'] if source else {}
     engine.inherit(args, saved, CLASSIFIER_FLAGS if resume else engine.ARCH_FLAGS)  # a resumed classifier: all of it
+    if args.img_size is None and saved.get('img_size') not in (None, 192, 224):  # not the ImageNet recipe's 192 -> 224
+        engine.inherit(args, saved, ('img_size', 'window_size'))
     args.model, args.img_size, args.in_chans = args.model or 'swin_base', args.img_size or 224, args.in_chans or 3
+    args.crop_pct, args.vit_norm = args.crop_pct or 0.875, args.vit_norm or ('final' if args.export else 'fc')
     if saved and models.MODELS[args.model]['family'] == models.SWINV2:
         args.pretrained_window_sizes = args.pretrained_window_sizes or saved.get('pretrained_window_sizes') \
             or pretrained_windows(saved)
@@ -285,6 +342,8 @@ def start(args, run):
         args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = args.drop_path = 0.
         args.aa = ''
     normalize = engine.normalization(args)
+    run.print(f"input: {args.img_size}px, {args.in_chans} channels, mean {args.mean} std {args.std} of 0-1 pixels, "
+              f"intensity {args.intensity}; evaluation crop {args.crop_pct}")
     try:
         datasets = load_data(args, normalize) if not (args.predict or args.throughput or args.export) else {}
         if args.num_classes is None:  # no data: a throughput model has ImageNet's classes, an exported encoder none
@@ -309,8 +368,8 @@ def start(args, run):
     if args.predict:
         if run.main:
             classes = args.classes or [f'class {i}' for i in range(args.num_classes)]  # checkpoints of other code
-            predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize), args.in_chans, run,
-                    amp_context)
+            predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize, args.crop_pct), args,
+                    run, amp_context)
         return
     if args.throughput:
         return throughput(model, args, run, amp_context)
@@ -318,8 +377,12 @@ def start(args, run):
                                    run.rank, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, run, amp_context)
-        run.print(f"top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss {stats['loss']:.4f} on "
-                  f"{stats['images']} images of {args.data_path}/val")
+        classes = args.classes or [f'class {i}' for i in range(args.num_classes)]
+        run.print(f"{accuracy_line(stats)} of {args.data_path}/val; per class: "
+                  + ', '.join(f"{c} {a:.1f}%" for c, a in zip(classes[:50], stats['per_class'])))
+        if len(classes) <= 20:
+            run.print('confusion matrix (rows: true class, columns: predicted):\n' + '\n'.join(
+                f"{name:>20.20} " + ' '.join(f'{n:6d}' for n in row) for name, row in zip(classes, stats['confusion'])))
         return
     finetune(args, run, model, datasets['train'], val_loader, source if resume else None)
 
@@ -345,19 +408,20 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.print(f"{args.model}: {trainable:,} trainable parameters, {args.img_size}px, {args.num_classes} classes; "
               f"{len(train_set):,} training and {len(val_loader.dataset):,} validation images in {args.data_path}")
-    run.print(f"{schedule}; layer decay {args.layer_decay}; amp {trainer.amp}; normalisation mean {args.mean} std "
-              f"{args.std}; device {run.device}" + ('; linear probe' if args.linear_probe else ''))
-    start_epoch, start_step, best = 0, 0, 0.
+    run.print(f"{schedule}; layer decay {args.layer_decay}; amp {trainer.amp}; device {run.device}"
+              + ('; linear probe' if args.linear_probe else ''))
+    start_epoch, start_step, best, best_loss = 0, 0, 0., math.inf
     if resume_state:
         engine.check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth',
                                   engine.TRAJECTORY_FLAGS + FINETUNE_FLAGS)
         trainer.load_state_dict(resume_state)
-        (start_epoch, start_step), best = engine.resume_position(resume_state, args.steps_per_epoch), \
-            resume_state['max_accuracy']
+        start_epoch, start_step = engine.resume_position(resume_state, args.steps_per_epoch)
+        best, best_loss = resume_state['max_accuracy'], resume_state.get('best_loss', math.inf)
         run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
     engine.start_output(run, args)
 
-    # the loop: cross-entropy on mixed images and soft labels; validation after each epoch, best.pth by top-1
+    # the loop: cross-entropy on mixed images and soft labels; validation after each epoch, best.pth by top-1 (ties:
+    # the lower validation loss)
     def loss_fn(batch):
         images, targets, _ = batch
         images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
@@ -367,7 +431,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
 
     def state_fn(epoch, step):
         return dict(model=model.state_dict(), **trainer.state_dict(), epoch=epoch, step=step, args=vars(args),
-                    max_accuracy=best)
+                    max_accuracy=best, best_loss=best_loss)
 
     run.training = True  # from here a SIGTERM saves and stops the run at the next log line
     for epoch in range(start_epoch, args.epochs):
@@ -375,10 +439,12 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
                                   start_step if epoch == start_epoch else 0) is None:
             return
         stats = evaluate(model, val_loader, run, trainer.autocast)
-        is_best = stats['acc1'] > best or epoch == 0
-        best = max(best, stats['acc1'])
-        run.print(f"epoch {epoch} validation: top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% "
-                  f"loss {stats['loss']:.4f} ({stats['images']} images); best top-1 {best:.2f}%")
+        is_best = epoch == 0 or (stats['acc1'], -stats['loss']) > (best, -best_loss)
+        if is_best:
+            best, best_loss = stats['acc1'], stats['loss']
+        run.print(f"epoch {epoch} validation: {accuracy_line(stats)}; best top-1 {best:.2f}%")
+        if len(stats['confusion']) > 100:  # ImageNet's would be a million numbers per epoch
+            del stats['confusion']
         run.log(dict(epoch=epoch, **{f'val_{k}': v for k, v in stats.items()}, max_accuracy=best))
         numbered = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
         engine.save_checkpoint(run, dict(state_fn(epoch, args.steps_per_epoch), acc1=stats['acc1']),

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import trunc_normal_
+from timm.models import adapt_input_conv
 from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2, WindowAttention as WindowAttentionV2
@@ -488,8 +489,9 @@ def infer_arch(state):
 def load_pretrained(model, checkpoint):
     """Load a checkpoint of any supported layout (see to_timm_layout) into a classifier or a SimMIM model. Into a
     classifier: drops the decoder and the mask token (a SimMIM model keeps them). Resizes relative position tables to
-    the model's window / grid, copies ViT's shared table into every block, refuses another architecture.
-    -> report {'loaded', 'resized', 'missing', 'dropped'} (lists of key names)."""
+    the model's window / grid, copies ViT's shared table into every block, adapts the patch embedding (and a decoder)
+    to another number of input channels as timm does, refuses another architecture.
+    -> report {'loaded', 'resized', 'missing', 'dropped'} (lists of key names), 'adapted' ([key, 'a -> b channels'])."""
     state, _ = to_timm_layout(checkpoint)
     target = model.state_dict()
     vit = isinstance(model, Beit)
@@ -504,6 +506,17 @@ def load_pretrained(model, checkpoint):
                                                         or vit and k.startswith('norm.'))]
     dropped += [k for k in state if k.startswith('head.') and k in target and state[k].shape != target[k].shape]
     state = {k: v for k, v in state.items() if k not in dropped}
+    adapted = []  # another number of input channels: the patch embedding adapted as timm does, the decoder's output too
+    proj = next((k for k in ('patch_embed.proj.weight', 'encoder.patch_embed.proj.weight') if k in target), None)
+    if proj in state and state[proj].shape[1] != target[proj].shape[1]:
+        source, chans = state[proj].shape[1], target[proj].shape[1]
+        state[proj] = adapt_input_conv(chans, state[proj])
+        adapted = [proj, f'{source} -> {chans} channels']
+        for k in ('decoder.0.weight', 'decoder.0.bias'):
+            if k in state and k in target:  # (channels x stride^2 outputs, ...): grey = the channels' mean
+                v = state[k].unflatten(0, (source, -1))
+                v = v.mean(0, keepdim=True) if chans == 1 else v[[c % source for c in range(chans)]]
+                state[k] = v.flatten(0, 1)
     resized = []
     for k, v in state.items():
         if k.endswith('relative_position_bias_table') and k in target and v.shape != target[k].shape \
@@ -521,4 +534,4 @@ def load_pretrained(model, checkpoint):
         raise ValueError(f"the checkpoint does not fit {type(model).__name__} ({len(problems)} problems; first: "
                          f"{'; '.join(problems[:4])}): build the model with the architecture it was trained with")
     model.load_state_dict(state, strict=False)
-    return dict(loaded=sorted(state), resized=resized, missing=missing, dropped=dropped)
+    return dict(loaded=sorted(state), resized=resized, missing=missing, dropped=dropped, adapted=adapted)

@@ -18,7 +18,7 @@ import models
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
 # Besides engine.TRAJECTORY_FLAGS, what a resumed pretraining must keep
-PRETRAIN_FLAGS = ('mask_patch_size', 'mask_ratio', 'norm_target_window')
+PRETRAIN_FLAGS = ('mask_patch_size', 'mask_ratio', 'norm_target_window', 'scale', 'hflip', 'intensity')
 
 
 def get_args_parser():
@@ -36,8 +36,14 @@ def get_args_parser():
     g.add_argument('--mask-ratio', type=float, default=0.6, help='fraction of masked squares')
     g.add_argument('--norm-target-window', type=engine.COUNT, default=0,
                    help='regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels')
-    engine.add_data_args(p.add_argument_group('data'), 'folder of images, searched recursively (labels unused); '
-                                                       'default: the bundled demo/ images')
+    g = p.add_argument_group('data')
+    engine.add_data_args(g, 'folder of images, searched recursively (labels unused); default: the bundled demo/ images')
+    g.add_argument('--scale', type=engine.AMOUNT, default=0.67, help='RandomResizedCrop: smallest crop, a fraction of '
+                                                                     'the area')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 where sides differ: '
+                                                             'X-rays, text)')
+    g.add_argument('--stats', action='store_true', help='print the --mean and --std of the data (up to 1000 images '
+                                                        'spread over it) and exit')
     engine.add_optim_args(p, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5)
     engine.add_run_args(p, output='output/simmim_pretrain', compile='auto')
     return p
@@ -54,6 +60,7 @@ def save_reconstructions(model, images, masks, normalize, path):
     p = model.patch_size
     m = masks.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(images.dtype)
     grid = torch.stack([images, images * (1 - m) + 0.5 * m, rec, images * (1 - m) + rec * m], 1).flatten(0, 1)
+    grid = grid[:, :3] if grid.shape[1] > 3 else grid  # more channels: the first three shown
     engine.save_atomic(lambda f: torchvision.utils.save_image(grid.cpu(), f, nrow=4, padding=2, format='PNG'), path)
 
 
@@ -68,7 +75,19 @@ def picture_batch(dataset, transform, mask_generator, device, n=8):
 
 
 def main(args):
-    engine.launch(pretrain, args)
+    engine.launch(stats if args.stats else pretrain, args)
+
+
+def stats(args, run):
+    """--stats: the --mean and --std that normalise --data-path (under --intensity) to mean 0 and std 1."""
+    args.in_chans, args.intensity = args.in_chans or 3, args.intensity or 'type'
+    try:
+        dataset = data.ImageDataset(args.data_path or DEMO_DATA, None, args.in_chans, intensity=args.intensity)
+        mean, std, n = data.folder_stats(dataset)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    run.print(f"{n} of {len(dataset)} images in {dataset.root}, {args.in_chans} channels, intensity {args.intensity}: "
+              f"--mean {' '.join(f'{v:.4f}' for v in mean)} --std {' '.join(f'{v:.4f}' for v in std)}")
 
 
 def pretrain(args, run):
@@ -91,11 +110,17 @@ def pretrain(args, run):
             engine.load_pretrained(model, source, args.pretrained, run)
         normalize = engine.normalization(args)
         mask_generator = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
+        if (args.img_size // args.mask_patch_size) ** 2 < 16:  # the paper's: 36 (Swin) and 49 (ViT)
+            fits = [d for d in range(model.patch_size, args.img_size // 4 + 1, model.patch_size)
+                    if args.img_size % d == 0]
+            run.print(f"warning: {args.mask_patch_size}px mask squares cut {args.img_size}px images into only "
+                      f"{(args.img_size // args.mask_patch_size) ** 2} cells"
+                      + (f"; --mask-patch-size {fits[-1]} gives {(args.img_size // fits[-1]) ** 2}" if fits else ''))
         if args.data_path is None:
             args.data_path = DEMO_DATA
             run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
-        transform = data.PretrainTransform(args.img_size, mask_generator, normalize)
-        dataset = data.ImageDataset(args.data_path, transform, args.in_chans)
+        transform = data.PretrainTransform(args.img_size, mask_generator, normalize, args.scale, args.hflip)
+        dataset = data.ImageDataset(args.data_path, transform, args.in_chans, intensity=args.intensity)
         dataset.load(0)  # at least one readable image, else one clear error now rather than in a worker
         loader = data.build_loader(dataset, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
         schedule = engine.scale_lrs(args, run.world_size, len(loader))
@@ -110,7 +135,8 @@ def pretrain(args, run):
     trainer = engine.Trainer(model_ddp, optimizer, engine.build_scheduler(optimizer, args), args, run)
     run.print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {args.img_size}px, mask "
               f"{args.mask_ratio} of {args.mask_patch_size}px squares; {len(dataset):,} images in {args.data_path}")
-    run.print(f"{schedule}; amp {trainer.amp}; normalisation mean {args.mean} std {args.std}; device {run.device}")
+    run.print(f"{schedule}; amp {trainer.amp}; device {run.device}")
+    run.print(f"normalisation: mean {args.mean} std {args.std} of 0-1 pixels; intensity {args.intensity}")
     start_epoch, start_step = 0, 0
     if resume:
         engine.check_resume_flags(run, args, ckpt['args'], resume, engine.TRAJECTORY_FLAGS + PRETRAIN_FLAGS)

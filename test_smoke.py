@@ -240,7 +240,6 @@ def test_load_image_converts_every_mode(tmp_path):
         'rgba.png': Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])),
         'palette.png': Image.fromarray(rgb).convert('P'),
         'cmyk.jpg': Image.fromarray(rgb).convert('CMYK'),
-        'deep.png': Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
         'photo.webp': Image.fromarray(rgb),
         'photo.tiff': Image.fromarray(rgb),
         'photo.bmp': Image.fromarray(rgb),
@@ -250,9 +249,58 @@ def test_load_image_converts_every_mode(tmp_path):
         for chans, mode in ((3, 'RGB'), (1, 'L')):
             out = data.load_image(tmp_path / name, chans)
             assert out.mode == mode and out.size == (30, 20), name
-    assert np.array_equal(np.asarray(data.load_image(tmp_path / 'deep.png', 1)), rgb[..., 0])  # 16 bit scaled
     transparent = np.asarray(data.load_image(tmp_path / 'rgba.png'), dtype=float)  # half alpha over white
     assert np.allclose(transparent, rgb.astype(float) * 128 / 255 + 255 * 127 / 255, atol=1.5)
+
+
+def test_16_bit_images_keep_their_precision_by_the_intensity_rule(tmp_path):
+    ramp = np.tile(np.arange(0, 4096, 4, dtype=np.uint16), (8, 1))  # 12-bit data in a 16-bit PNG: 1024 levels
+    Image.fromarray(ramp).save(tmp_path / 'xray.png')
+    with pytest.warns(UserWarning, match='reach 4092 of 65535'):
+        dark = data.load_image(tmp_path / 'xray.png', 1)
+    assert dark.shape == (1, 8, 1024) and float(dark.max()) == pytest.approx(4092 * 255 / 65535)  # the type's range
+    for rule, white in ((4095, 4095), ('image', 4092)):
+        x = data.load_image(tmp_path / 'xray.png', 1, rule)
+        assert len(x.unique()) == 1024 and float(x.max()) == pytest.approx(255 * 4092 / white)  # not 256 levels
+        assert torch.allclose(x[0, 0], torch.tensor(ramp[0] * (255 / white), dtype=torch.float32))
+    spread = data.load_image(tmp_path / 'xray.png', 3, 'percentile')
+    assert spread.shape == (3, 8, 1024) and float(spread.min()) == 0 and float(spread.max()) == 255
+    assert len(np.unique((ramp / 257).astype(np.uint8))) == 16  # the control: 8 bits of it (the old reading) keep 16
+    normalize = data.normalization(1, [0.5], [0.25])
+    assert torch.allclose(normalize(x), (x / 255 - 0.5) / 0.25, atol=1e-6)  # tensors on the 0-255 scale, as PIL images
+
+
+def test_npy_arrays_load_with_any_number_of_channels(tmp_path):
+    tile = np.random.default_rng(0).integers(0, 10000, (12, 10, 5)).astype(np.uint16)  # 5-band satellite tile
+    np.save(tmp_path / 'tile.npy', tile)
+    x = data.load_image(tmp_path / 'tile.npy', 5, 10000)
+    expected = torch.tensor(tile.transpose(2, 0, 1) / 10000. * 255, dtype=torch.float32)
+    assert x.shape == (5, 12, 10) and torch.allclose(x, expected)
+    with pytest.raises(ValueError, match='has 5 channels, the model takes 3'):
+        data.load_image(tmp_path / 'tile.npy', 3)
+    transform = data.PretrainTransform(8, data.MaskGenerator(8, 4, 4, 0.5), data.normalization(5, [.5] * 5, [.2] * 5))
+    (image, mask), _, _ = data.ImageDataset(str(tmp_path), transform, 5, intensity=10000)[(0, 1)]
+    assert image.shape == (5, 8, 8) and mask.shape == (2, 2)
+    with pytest.raises(ValueError, match='image files give 1 or 3 channels, not 5'):
+        Image.fromarray(tile[..., 0].astype(np.uint8)).save(tmp_path / 'band.png')
+        data.load_image(tmp_path / 'band.png', 5)
+
+
+def test_folder_stats_normalise_the_folder_to_zero_mean_unit_std(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray((rng.random((9 + i, 7, 3)) * [255, 120, 40] + [0, 60, 10]).astype(np.uint8)).save(
+            tmp_path / f'{i}.png')
+    ds = data.ImageDataset(str(tmp_path), None)
+    mean, std, n = data.folder_stats(ds)
+    pixels = torch.cat([torch.from_numpy(np.asarray(ds.load(i)[0], dtype=np.float64)).reshape(-1, 3)
+                        for i in range(5)]) / 255
+    for m, s in ((mean, std), (data.IMAGENET_DEFAULT_MEAN, data.IMAGENET_DEFAULT_STD)):
+        normalised = (pixels - torch.tensor(m, dtype=torch.float64)) / torch.tensor(s, dtype=torch.float64)
+        ok = torch.allclose(normalised.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-9) and \
+            torch.allclose(normalised.std(0, unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-9)
+        assert ok == (m is mean), m  # ours: 0 and 1; ImageNet's (the negative control): not
+    assert n == 5
 
 
 def test_normalised_tensor_equals_torchvision_totensor_and_normalize():
@@ -284,8 +332,9 @@ def test_dataset_reads_folders_recursively_and_skips_bad_files(tmp_path):
     with pytest.warns(UserWarning, match='skipping unreadable image .*broken.jpg'):
         img, label, skipped = ds[broken]
     assert img.shape == (3, 32, 32) and skipped == 1 and label == 0
-    with pytest.raises(ValueError, match='1 .grayscale. or 3 .RGB. channels, not 4'):
-        data.ImageDataset(str(tmp_path), None, in_chans=4)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match='could be read .the last: .* image files give 1 '
+                                                                    'or 3 channels, not 4; store 4-channel data as'):
+        data.ImageDataset(str(tmp_path), None, in_chans=4).load(0)
     flat = tmp_path / 'flat'
     write_images(flat, 2)
     assert data.ImageDataset(str(flat), None).sample(1) == (str(flat / 'img1.jpg'), -1)  # no class folders: no labels
@@ -828,7 +877,7 @@ def test_export_from_any_layout_loads_in_timm(tmp_path, capsys):
     finetune.main(finetune.get_args_parser().parse_args([
         '--pretrained', os.path.join(FIXTURES, 'hf_simmim_swin'), '--export', str(tmp_path / 'encoder.pth')]))
     command = capsys.readouterr().out.split('in timm: ')[1].strip()
-    assert command.startswith("timm.create_model('swin_base_patch4_window7_224', img_size=224, embed_dim=4")
+    assert command.startswith("timm.create_model('swin_tiny_patch4_window7_224', img_size=224, embed_dim=4")
     model = eval(command)  # strict: no missing or unexpected keys
     reference = fixture('ms_window_interp.pt')
     for key, table in reference.items():
@@ -976,7 +1025,7 @@ def test_bad_files_are_skipped_and_all_bad_is_one_line(tmp_path, monkeypatch):
     for i in range(3):
         (bad / f'{i}.jpg').write_text('not an image')
     with pytest.warns(UserWarning), pytest.raises(SystemExit, match="^error: none of the 3 image files under '.*bad' "
-                                                                     "could be read$"):
+                                                                     "could be read .the last: cannot identify"):
         pretrain.main(pretrain_args(bad, tmp_path / 'run'))
 
 
@@ -1412,5 +1461,138 @@ def test_a_float_image_with_a_nan_pixel_keeps_its_contrast(tmp_path):
     a = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
     a[0, 0] = np.nan
     Image.fromarray(a, mode='F').save(tmp_path / 'nan.tif')
-    img = np.asarray(data.load_image(tmp_path / 'nan.tif', 1))
+    img = data.load_image(tmp_path / 'nan.tif', 1)[0].numpy()
     assert img[0, 0] == 0 and img.max() == 255 and 130 < img[5, 5] < 150  # before: all black
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Your own images: 16-bit and N-channel data, statistics, a model that describes itself
+
+def write_xrays(root, per_class, seed=0):
+    """12-bit grey images in 16-bit PNGs, two classes: a bright blob on the left or on the right."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:48, :48]
+    for label, cx in (('left', 14), ('right', 34)):
+        os.makedirs(root / label, exist_ok=True)
+        for i in range(per_class):
+            blob = 2500 * np.exp(-((xx - cx) ** 2 + (yy - 24) ** 2) / 60)
+            img = (600 + blob + rng.normal(0, 150, (48, 48))).clip(0, 4095).astype(np.uint16)
+            Image.fromarray(img).save(root / label / f'{i}.png')
+
+
+def test_16_bit_grey_journey_pretrain_finetune_predict_export(tmp_path, capsys):
+    import timm
+    write_xrays(tmp_path / 'data' / 'train', 6)
+    write_xrays(tmp_path / 'data' / 'val', 2, seed=1)
+    arch = ['--model', 'swin_tiny', '--embed-dim', '8', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2', '2',
+            '4', '--num-workers', '0', '--amp', 'off', '--print-freq', '1', '--batch-size', '4', '--warmup-epochs', '0']
+    pretrain.main(pretrain.get_args_parser().parse_args([
+        '--stats', '--data-path', str(tmp_path / 'data' / 'train'), '--in-chans', '1', '--intensity', '4095']))
+    line = capsys.readouterr().out
+    mean, std = (re.search(rf'--{k} ([\d.]+)', line)[1] for k in ('mean', 'std'))
+    assert 0.15 < float(mean) < 0.4 and 0.05 < float(std) < 0.4, line  # of 0-1 pixels: 600-3100 of 4095
+    pretrain.main(pretrain.get_args_parser().parse_args(arch + [
+        '--in-chans', '1', '--intensity', '4095', '--mean', mean, '--std', std, '--img-size', '64', '--hflip', '0',
+        '--data-path', str(tmp_path / 'data' / 'train'), '--epochs', '1', '--output', str(tmp_path / 'pre')]))
+    out = capsys.readouterr().out
+    assert f'normalisation: mean [{float(mean)}] std [{float(std)}] of 0-1 pixels; intensity 4095.0' in out
+    assert '32px mask squares cut 64px images into only 4 cells; --mask-patch-size 16 gives 16' in out
+    assert Image.open(tmp_path / 'pre' / 'reconstruction_end.png').size == (4 * 66 + 2, 8 * 66 + 2)
+    finetune.main(finetune.get_args_parser().parse_args(arch[arch.index('--num-workers'):] + [
+        '--pretrained', str(tmp_path / 'pre' / 'checkpoint.pth'), '--data-path', str(tmp_path / 'data'),
+        '--epochs', '2', '--base-lr', '1', '--mixup', '0', '--cutmix', '0', '--aa', '', '--reprob', '0', '--hflip', '0',
+        '--crop-pct', '1', '--output', str(tmp_path / 'ft')]))
+    out = capsys.readouterr().out
+    assert f'input: 64px, 1 channels, mean [{float(mean)}] std [{float(std)}]' in out  # the pretraining's
+    assert 'intensity 4095.0; evaluation crop 1.0' in out and 'top-5' not in out  # 2 classes: no top-5
+    log = [r for r in read_log(tmp_path / 'ft') if 'val_acc1' in r]
+    assert len(log[-1]['val_confusion']) == 2 and sum(map(sum, log[-1]['val_confusion'])) == 4
+    assert log[-1]['val_per_class'] == [100 * r[i] / sum(r) for i, r in enumerate(log[-1]['val_confusion'])]
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--predict', str(tmp_path / 'data' / 'val'), '--resume', str(tmp_path / 'ft' / 'best.pth'),
+        '--predict-csv', str(tmp_path / 'predictions.csv')]))
+    out = capsys.readouterr().out
+    rows = list(__import__('csv').reader(open(tmp_path / 'predictions.csv')))
+    assert rows[0] == ['image', 'class_1', 'score_1', 'class_2', 'score_2'] and len(rows) == 5
+    assert all(r[1] in ('left', 'right') and abs(float(r[2]) + float(r[4]) - 1) < 1e-5 for r in rows[1:])
+    assert f"{rows[1][0]}: {rows[1][1]} {100 * float(rows[1][2]):.1f}%" in out
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--resume', str(tmp_path / 'ft' / 'best.pth'), '--export', str(tmp_path / 'xray.pth')]))
+    command = capsys.readouterr().out.split('in timm: ')[1].strip()
+    assert command.startswith("timm.create_model('swin_tiny_patch4_window7_224', img_size=64")
+    exported = eval(command).eval()
+    config = timm.data.resolve_data_config(model=exported)
+    assert config['input_size'] == (1, 64, 64) and config['mean'] == (float(mean),) and config['crop_pct'] == 1.0
+    assert exported.pretrained_cfg['label_names'] == ('left', 'right')
+    ours = finetune.build_model(argparse.Namespace(**torch.load(tmp_path / 'ft' / 'best.pth')['args'])).eval()
+    ours.load_state_dict(torch.load(tmp_path / 'ft' / 'best.pth')['model'])
+    x = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(exported(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['swin_tiny', 'swinv2_tiny', 'vit_small'])
+def test_an_exported_encoder_gives_our_features_in_timm(name, tmp_path, capsys):
+    import timm
+    simmim = tiny_simmim(name).eval()
+    size = simmim.encoder.patch_embed.img_size[0]
+    for p in simmim.parameters():  # the final norm away from its init, as after pretraining
+        p.data += 0.1 * torch.randn_like(p)
+    arch = {'model': name, 'img_size': size, 'mean': [0.5] * 3, 'std': [0.25] * 3, 'in_chans': 3}
+    arch.update(models.infer_arch(models.to_timm_layout(simmim.state_dict())[0]))
+    if name != 'vit_small':
+        arch['window_size'] = simmim.encoder.layers[0].blocks[0].window_size[0]
+    torch.save(dict(model=simmim.state_dict(), args=arch), tmp_path / 'pre.pth')
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--pretrained', str(tmp_path / 'pre.pth'), '--img-size', str(size), '--export', str(tmp_path / 'enc.pth')]))
+    exported = eval(capsys.readouterr().out.split('in timm: ')[1].strip()).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        pooled, fmap = models.extract_features(simmim.encoder, x)
+        features = exported.forward_features(x)
+        theirs = exported.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(theirs, pooled, atol=1e-5, rtol=1e-5)
+    assert exported.pretrained_cfg['mean'] == (0.5,) * 3 and exported.pretrained_cfg['input_size'] == (3, size, size)
+    if name == 'vit_small':  # the control: timm's default ViT pooling (a new fc_norm) is another encoder
+        fresh = timm.create_model('beit_base_patch16_224', img_size=size, patch_size=arch['patch_size'],
+                                  embed_dim=arch['embed_dim'], depth=arch['depths'][0], num_heads=arch['num_heads'][0],
+                                  num_classes=0)
+        fresh.load_state_dict(exported.state_dict(), strict=False)
+        with torch.no_grad():
+            assert (fresh.forward_head(fresh.forward_features(x), pre_logits=True) - pooled).abs().max() > 1e-2
+
+
+def test_an_rgb_checkpoint_loads_into_other_channel_counts():
+    kw = dict(img_size=32, embed_dim=12, depth=2)
+    rgb = models.build_simmim('vit_small', **kw).eval()
+    size = 32
+    grey_image = torch.randn(2, 1, size, size)
+    mask = random_mask(rgb, 2, size)
+    grey = models.build_simmim('vit_small', in_chans=1, **kw).eval()
+    report = models.load_pretrained(grey, rgb.state_dict())
+    assert report['adapted'] == ['encoder.patch_embed.proj.weight', '3 -> 1 channels']
+    with torch.no_grad():  # timm's rule (summed filters): a grey image reads as that grey in RGB
+        torch.testing.assert_close(grey.encoder(grey_image, mask), rgb.encoder(grey_image.expand(-1, 3, -1, -1), mask))
+        torch.testing.assert_close(grey.reconstruct(grey_image, mask),
+                                   rgb.reconstruct(grey_image.expand(-1, 3, -1, -1), mask).mean(1, keepdim=True))
+        first_only = grey.encoder.patch_embed.proj.weight.clone()
+        grey.encoder.patch_embed.proj.weight.copy_(rgb.encoder.patch_embed.proj.weight[:, :1])  # the control
+        assert not torch.allclose(grey.encoder(grey_image, mask), rgb.encoder(grey_image.expand(-1, 3, -1, -1), mask))
+    assert torch.equal(first_only, rgb.encoder.patch_embed.proj.weight.sum(1, keepdim=True))
+    four = models.build_classifier('vit_small', num_classes=2, in_chans=4, **kw)
+    report = models.load_pretrained(four, rgb.state_dict())
+    assert report['adapted'][1] == '3 -> 4 channels' and four.patch_embed.proj.weight.shape[1] == 4
+
+
+def test_best_checkpoint_breaks_top1_ties_by_the_lower_loss(finetuned, tmp_path, monkeypatch):
+    scripted = iter([(50., .9), (50., .8), (50., .85), (40., .1)])  # epoch 1 is the best
+
+    def evaluate(*_):
+        acc, loss = next(scripted)
+        return dict(loss=loss, acc1=acc, acc5=None, images=6, per_class=[acc, acc], confusion=[[3, 0], [3, 0]])
+    monkeypatch.setattr(finetune, 'evaluate', evaluate)
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--data-path', str(finetuned / 'data'),
+        '--batch-size', '4', '--epochs', '4', '--warmup-epochs', '0', '--mixup', '0', '--cutmix', '0', '--aa', '',
+        '--reprob', '0', '--num-workers', '0', '--amp', 'off', '--output', str(tmp_path / 'ft')]))
+    best = torch.load(tmp_path / 'ft' / 'best.pth', weights_only=True)
+    assert best['epoch'] == 1 and best['best_loss'] == .8 and best['max_accuracy'] == 50.

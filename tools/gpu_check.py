@@ -143,10 +143,10 @@ def finetune_item(cfg, out):
     predict = subprocess.run(python('finetune.py', '--predict', image, '--resume', os.path.join(output, 'best.pth'),
                                     *cfg['device']), capture_output=True, text=True)
     print(predict.stdout + predict.stderr[-3000:], flush=True)
-    top1 = re.search(r'top-1 ([\d.]+)% top-5 ([\d.]+)% loss ([\d.]+) on (\d+) images', evaluate.stdout)
+    top1 = re.search(r'top-1 ([\d.]+)% (?:top-5 [\d.]+% )?loss ([\d.]+) on (\d+) images', evaluate.stdout)
     guess = re.search(rf'{re.escape(image)}: (\w+) ([\d.]+)%, (\w+) ([\d.]+)%', predict.stdout)
     ok = (train.returncode == evaluate.returncode == predict.returncode == 0 and 'done:' in train.stdout
-          and top1 is not None and int(top1.group(4)) == 64 and guess is not None)
+          and top1 is not None and int(top1.group(3)) == 64 and guess is not None)
     return ok, (f"fine-tuned 2 epochs (exit {train.returncode}); --eval: "
                 f"{top1.group(0) if top1 else 'no result'}; --predict: {guess.group(0) if guess else 'no result'}")
 
