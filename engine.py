@@ -14,6 +14,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -189,6 +190,7 @@ class Run:
             dist.init_process_group('nccl' if cuda else 'gloo', timeout=datetime.timedelta(minutes=args.dist_timeout))
         self.main = self.rank == 0
         self.output = args.output
+        self.id = f"{socket.gethostname()} pid {os.getpid()} {datetime.datetime.now().isoformat(timespec='seconds')}"
         self.training = False  # in the training loop, where a SIGTERM stops the run at the next log line
         self.sigterm = False  # this process got SIGTERM
         self.stopping = False  # some rank got SIGTERM: what the last sync() agreed on
@@ -221,6 +223,7 @@ class Run:
     def log(self, record):
         """One JSON line in OUTPUT/log.jsonl (rank 0)."""
         if self.main:
+            check_output(self)
             with open(os.path.join(self.output, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
@@ -527,6 +530,7 @@ def save_checkpoint(run, state, names=()):
     """OUTPUT/checkpoint.pth with the checksum of its payload, then copies named names (e.g. ckpt_epoch_N.pth); each
     written atomically."""
     if run.main:
+        check_output(run)
         latest = os.path.join(run.output, 'checkpoint.pth')
         save_atomic(lambda f: torch.save(dict(state, checksum=checksum(state)), f), latest)
         for name in names:
@@ -596,10 +600,12 @@ def resume_position(checkpoint, steps_per_epoch):
 
 # The flags a checkpoint carries over to a new run (fine-tuning, continued pretraining)
 ARCH_FLAGS = ('model', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans', 'mean', 'std', 'intensity')
-# The flags that set the optimization trajectory: a resumed run keeps them unless --accept-changes
-TRAJECTORY_FLAGS = ('epochs', 'warmup_epochs', 'base_lr', 'warmup_lr', 'min_lr', 'lr_scheduler', 'multisteps',
-                    'gamma', 'weight_decay', 'clip_grad', 'accumulation_steps', 'effective_batch', 'seed',
-                    'pretrained', 'model', 'data_path')
+# The flags that shape a saved model: another value cannot load its weights
+SHAPE_FLAGS = ('model', 'img_size', 'window_size', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans')
+# The flags that set what a run trains, and how: a resumed run keeps them unless --accept-changes
+TRAJECTORY_FLAGS = SHAPE_FLAGS + ('epochs', 'warmup_epochs', 'base_lr', 'warmup_lr', 'min_lr', 'lr_scheduler',
+                                  'multisteps', 'gamma', 'weight_decay', 'clip_grad', 'accumulation_steps',
+                                  'effective_batch', 'seed', 'pretrained', 'data_path', 'mean', 'std', 'intensity')
 
 
 def inherit(args, saved, names=ARCH_FLAGS):
@@ -647,16 +653,40 @@ def load_model_state(model, state, path):
                          f"pass the same --model and architecture flags it was trained with")
 
 
-def start_output(run, args):
-    """Create --output and write args.json there (the flags and library versions): an unwritable folder fails now,
-    not at the first checkpoint."""
+def start_output(run, args, start=0):
+    """Create --output and claim it: args.json there names this run (with its flags and library versions), and
+    log.jsonl keeps the records of the run up to its global step `start` (the checkpoint resumed; none when starting
+    afresh). An unwritable folder fails now, not at the first checkpoint."""
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --output '{args.output}' is not writable ({e.strerror}); choose another folder")
     if run.main:
-        info = dict(args=vars(args), world_size=run.world_size, device=str(run.device),
-                    python=platform.python_version(),
-                    torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
-                    command=' '.join(sys.argv), started=datetime.datetime.now().isoformat(timespec='seconds'))
+        info = dict(run=run.id, args=vars(args), world_size=run.world_size, device=str(run.device),
+                    python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+                    timm=timm.__version__, command=' '.join(sys.argv))
         save_atomic(lambda f: f.write(json.dumps(info, indent=1).encode()), os.path.join(args.output, 'args.json'))
+        log, kept = os.path.join(args.output, 'log.jsonl'), []
+        if os.path.exists(log):  # records of a killed attempt past the checkpoint would come twice
+            with open(log) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line cut by a kill
+                        continue
+                    if record.get('step', (record['epoch'] + 1) * args.steps_per_epoch) <= start:
+                        kept.append(line)
+        save_atomic(lambda f: f.write(''.join(kept).encode()), log)
+
+
+def check_output(run):
+    """Stop if another run has started in --output since this one (its args.json names it): two runs into one folder
+    would overwrite each other's checkpoints and log."""
+    try:
+        with open(os.path.join(run.output, 'args.json')) as f:
+            owner = json.load(f).get('run')
+    except (OSError, ValueError):
+        return
+    if owner != run.id:
+        raise SystemExit(f"error: another run ({owner}) has started in {run.output}: this one ({run.id}) stopped "
+                         f"without saving over it; give each run its own --output")

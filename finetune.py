@@ -334,7 +334,8 @@ def start(args, run):
     if args.img_size is None and saved.get('img_size') not in (None, 192, 224):  # not the ImageNet recipe's 192 -> 224
         engine.inherit(args, saved, ('img_size', 'window_size'))
     args.model, args.img_size, args.in_chans = args.model or 'swin_base', args.img_size or 224, args.in_chans or 3
-    args.crop_pct, args.vit_norm = args.crop_pct or 0.875, args.vit_norm or ('final' if args.export else 'fc')
+    args.crop_pct = args.crop_pct or 0.875
+    args.vit_norm = args.vit_norm or ('final' if args.export and not resume else 'fc')  # an encoder: its final norm
     if saved and models.MODELS[args.model]['family'] == models.SWINV2:
         args.pretrained_window_sizes = args.pretrained_window_sizes or saved.get('pretrained_window_sizes') \
             or pretrained_windows(saved)
@@ -352,6 +353,7 @@ def start(args, run):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     if ours:
+        engine.check_resume_flags(run, args, saved, resume, engine.SHAPE_FLAGS)  # one line naming the change
         engine.load_model_state(model, source['model'], resume)
         run.print(f"loaded {resume} (epoch {source.get('epoch')}"
                   + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))
@@ -365,9 +367,9 @@ def start(args, run):
     model.to(run.device)
     models.use_fused_attention(model, run.device.type == 'cuda')
     amp, amp_context = engine.autocast(args.amp, run.device)
+    classes = args.classes or [f'class {i}' for i in range(args.num_classes)]  # checkpoints of other code
     if args.predict:
         if run.main:
-            classes = args.classes or [f'class {i}' for i in range(args.num_classes)]  # checkpoints of other code
             predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize, args.crop_pct), args,
                     run, amp_context)
         return
@@ -377,7 +379,6 @@ def start(args, run):
                                    run.rank, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, run, amp_context)
-        classes = args.classes or [f'class {i}' for i in range(args.num_classes)]
         run.print(f"{accuracy_line(stats)} of {args.data_path}/val; per class: "
                   + ', '.join(f"{c} {a:.1f}%" for c, a in zip(classes[:50], stats['per_class'])))
         if len(classes) <= 20:
@@ -418,7 +419,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
         start_epoch, start_step = engine.resume_position(resume_state, args.steps_per_epoch)
         best, best_loss = resume_state['max_accuracy'], resume_state.get('best_loss', math.inf)
         run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
-    engine.start_output(run, args)
+    engine.start_output(run, args, start_epoch * args.steps_per_epoch + start_step)
 
     # the loop: cross-entropy on mixed images and soft labels; validation after each epoch, best.pth by top-1 (ties:
     # the lower validation loss)

@@ -18,7 +18,7 @@ import models
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
 # Besides engine.TRAJECTORY_FLAGS, what a resumed pretraining must keep
-PRETRAIN_FLAGS = ('mask_patch_size', 'mask_ratio', 'norm_target_window', 'scale', 'hflip', 'intensity')
+PRETRAIN_FLAGS = ('mask_patch_size', 'mask_ratio', 'norm_target_window', 'scale', 'hflip')
 
 
 def get_args_parser():
@@ -144,7 +144,7 @@ def pretrain(args, run):
         trainer.load_state_dict(ckpt)
         start_epoch, start_step = engine.resume_position(ckpt, args.steps_per_epoch)
         run.print(f"resumed from {resume} at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
-    engine.start_output(run, args)
+    engine.start_output(run, args, start_epoch * args.steps_per_epoch + start_step)
     if run.main:
         pictures = picture_batch(dataset, data.eval_transform(args.img_size, normalize, crop_pct=1.0),
                                  mask_generator, run.device)

@@ -445,16 +445,20 @@ def test_pretrain_end_to_end_with_exact_resume(tmp_path, capsys):
     assert final['epoch'] == 1 and set(final) >= {'model', 'optimizer', 'trainer', 'args'}
     assert json.load(open(tmp_path / 'run' / 'args.json'))['torch'] == torch.__version__
 
-    # "interrupted" after epoch 0: auto-resume from the epoch-0 checkpoint ends with the same weights
+    # killed in epoch 1 after its log lines, before its checkpoint: auto-resume from the epoch-0 checkpoint ends with
+    # the same weights, and the log reads as the uninterrupted run's (the lost attempt's records dropped)
     os.makedirs(tmp_path / 'again')
     os.link(tmp_path / 'run' / 'ckpt_epoch_0.pth', tmp_path / 'again' / 'checkpoint.pth')
+    with open(tmp_path / 'again' / 'log.jsonl', 'w') as f:
+        f.write(open(tmp_path / 'run' / 'log.jsonl').read()[:-40])  # and its last line cut short
     with pytest.warns(UserWarning, match='corrupt.jpg'):
         pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'again'))
     assert 'resumed from' in capsys.readouterr().out
     resumed = torch.load(tmp_path / 'again' / 'checkpoint.pth', weights_only=True)
     for k, v in final['model'].items():
         assert torch.equal(v, resumed['model'][k]), k
-    assert [r['loss'] for r in read_log(tmp_path / 'again') if 'step' in r] == [r['loss'] for r in steps[2:]]
+    assert [(r.get('step'), r.get('loss')) for r in read_log(tmp_path / 'again')] == \
+        [(r.get('step'), r.get('loss')) for r in log]
 
 
 def test_pretrain_bad_input_is_one_line(tmp_path):
@@ -976,6 +980,24 @@ def test_a_crash_with_live_loader_workers_still_exits(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+
+
+def test_a_second_run_into_the_same_output_stops_the_first(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path / 'data', 8)
+    original, calls = models.SimMIM.forward, []
+
+    def second_run_starts(self, x, mask):  # during the 2nd step another run claims the folder, as its start does
+        calls.append(1)
+        if len(calls) == 2:
+            info = json.load(open(tmp_path / 'run' / 'args.json'))
+            json.dump(dict(info, run='otherhost pid 1'), open(tmp_path / 'run' / 'args.json', 'w'))
+        return original(self, x, mask)
+
+    monkeypatch.setattr(models.SimMIM, 'forward', second_run_starts)
+    with pytest.raises(SystemExit, match=r"another run \(otherhost pid 1\) has started in .*run: this one .* stopped "
+                                         r"without saving over it; give each run its own --output"):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
+    assert not os.path.exists(tmp_path / 'run' / 'checkpoint.pth') and len(read_log(tmp_path / 'run')) == 1
 
 
 @pytest.mark.parametrize('as_torch_reports_it', [False, True])
