@@ -49,8 +49,8 @@ class MaskGenerator:
 
 
 class ToNormalizedTensor:
-    """PIL image, or float tensor on the same 0-255 scale (load_image) -> float tensor (C, H, W) =
-    (pixels / 255 - mean) / std: torchvision's ToTensor and Normalize in one pass."""
+    """8-bit PIL image -> float tensor (C, H, W) = (pixels / 255 - mean) / std: torchvision's ToTensor and Normalize
+    in one pass. A float tensor of 0-1 pixels (load_image's for deeper data) -> (pixels - mean) / std."""
 
     def __init__(self, mean, std):
         self.mean, self.std = list(mean), list(std)
@@ -58,8 +58,9 @@ class ToNormalizedTensor:
         self.scale, self.shift = 1 / (255 * std), -torch.tensor(self.mean).view(-1, 1, 1) / std
 
     def __call__(self, img):
-        pixels = img if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img)
-        return torch.addcmul(self.shift, pixels, self.scale)
+        if isinstance(img, torch.Tensor):
+            return torch.addcmul(self.shift, img, self.scale * 255)
+        return torch.addcmul(self.shift, T.functional.pil_to_tensor(img), self.scale)
 
 
 def normalization(in_chans, mean=None, std=None):
@@ -71,8 +72,10 @@ def normalization(in_chans, mean=None, std=None):
         elif in_chans == 1:
             mean, std = [sum(IMAGENET_DEFAULT_MEAN) / 3], [sum(IMAGENET_DEFAULT_STD) / 3]
     if mean is None or std is None or len(mean) != in_chans or len(std) != in_chans:
-        raise ValueError(f"{in_chans}-channel images need a mean and a std of {in_chans} values each (the defaults are "
+        raise ValueError(f"images of {in_chans} channels need a mean and a std for each channel (the defaults are "
                          f"ImageNet's, for 3 or 1 channels)")
+    if min(std) <= 0:
+        raise ValueError(f"a std must be above 0, got {list(std)}")
     return ToNormalizedTensor(mean, std)
 
 
@@ -103,13 +106,16 @@ def eval_transform(img_size, normalize, crop_pct=224 / 256):
 
 
 def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, scale=0.08,
-                       hflip=0.5):
+                       hflip=0.5, color_jitter=0.4):
     """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic, area scale-1),
-    flip, RandAugment, normalisation, random erasing (pixel mode, one box); posterize works with any Pillow. Its
-    ToTensor + Normalize become normalize, which also takes load_image's tensors (RandAugment takes 8-bit images)."""
+    flip, RandAugment (or without it color jitter), normalisation, random erasing (pixel mode, one box); posterize
+    works with any Pillow. Its
+    ToTensor + Normalize become normalize, which also takes load_image's tensors (RandAugment takes 8-bit images,
+    color jitter, used without RandAugment, 1 or 3 channels)."""
     transform = create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
                                  auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
-                                 re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std)
+                                 re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std,
+                                 color_jitter=color_jitter or None)
     steps = []
     for t in transform.transforms:
         for op in getattr(t, 'ops', []):  # RandAugment's
@@ -117,6 +123,8 @@ def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1',
                 op.aug_fn = posterize
         if isinstance(t, T.Normalize):
             steps.append(normalize)
+        elif isinstance(t, T.ColorJitter) and len(normalize.mean) not in (1, 3):
+            continue  # brightness, contrast and saturation of 1 or 3 channels
         elif not isinstance(t, T.ToTensor):
             steps.append(t)
     return T.Compose(steps)
@@ -135,7 +143,7 @@ def load_image(path, in_chans=3, intensity='type'):
 
     8-bit images come as PIL images, 'RGB' for 3 channels or 'L' for 1: EXIF orientation applied, transparency on
     white. Images of more bits (16-bit PNG or TIFF, float TIFF) and .npy arrays (H x W or H x W x C) come as float
-    tensors (in_chans, H, W) on the same 0-255 scale, with their precision, by the intensity rule:
+    tensors (in_chans, H, W) of 0-1 pixels, with their precision, by the intensity rule:
     'type': integers as a fraction of their type's range (0-65535 for 16 bits), floats from their own min-max;
     'image': each image's own min-max; 'percentile': each image's 0.5-99.5 percentiles; a number: the value that
     becomes white (4095 for 12-bit data in 16-bit files). Values outside are clipped; NaN becomes black. One channel
@@ -182,7 +190,7 @@ def load_image(path, in_chans=3, intensity='type'):
         warnings.warn(f"{path}: its pixels reach {finite.max():.0f} of {type_max} (12-bit data in 16-bit files?), so "
                       f"it reads nearly black with the 'type' intensity rule; give the data's maximum, 'image' or "
                       f"'percentile' instead")
-    pixels = (np.clip(np.nan_to_num(pixels, nan=low), low, high) - low) * (255 / max(high - low, 1e-12))
+    pixels = (np.clip(np.nan_to_num(pixels, nan=low), low, high) - low) / max(high - low, 1e-12)
     pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
     if len(pixels) == 1 and in_chans == 3:
         return pixels.expand(3, -1, -1).clone()
@@ -301,15 +309,24 @@ class ImageDataset(Dataset):
 
 def folder_stats(dataset, max_images=1000):
     """Per-channel mean and std of the pixels (0-1 scale) of up to max_images images spread over dataset, as it loads
-    them: the normalisation that brings the data to mean 0 and std 1. -> (mean list, std list, images used)."""
+    them (unreadable ones left out): the normalisation that brings the data to mean 0 and std 1.
+    -> (mean list, std list, images used)."""
     index = sorted(set(np.linspace(0, len(dataset) - 1, min(max_images, len(dataset))).round().astype(int).tolist()))
-    total = squares = count = 0
+    total = squares = count = used = 0
     for i in index:
-        img = dataset.load(i)[0]
-        pixels = (img if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img)).double().flatten(1) / 255
+        try:
+            img = load_image(dataset.sample(i)[0], dataset.in_chans, dataset.intensity)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping unreadable image {dataset.sample(i)[0]}: {e}")
+            continue
+        used += 1
+        pixels = img.double() if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img).double() / 255
+        pixels = pixels.flatten(1)
         total, squares, count = total + pixels.sum(1), squares + pixels.square().sum(1), count + pixels.shape[1]
+    if not used:
+        raise ValueError(f"none of the {len(index)} image files tried under '{dataset.root}' could be read")
     mean = total / count
-    return mean.tolist(), (squares / count - mean.square()).clamp(min=0).sqrt().tolist(), len(index)
+    return mean.tolist(), (squares / count - mean.square()).clamp(min=0).sqrt().tolist(), used
 
 
 @contextlib.contextmanager

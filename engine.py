@@ -93,7 +93,7 @@ def intensity_rule(text):
     if text in ('type', 'image', 'percentile'):
         return text
     try:
-        if float(text) > 0:
+        if 0 < float(text) < math.inf:
             return float(text)
     except ValueError:
         pass
@@ -269,7 +269,7 @@ def normalization(args):
     try:
         normalize = data.normalization(args.in_chans, args.mean, args.std)
     except ValueError as e:
-        raise SystemExit(f"error: {e}: pass --mean and --std with {args.in_chans} values each") from None
+        raise SystemExit(f"error: {e}: pass --mean and --std ({args.in_chans} values each, std above 0)") from None
     args.mean, args.std = list(normalize.mean), list(normalize.std)
     return normalize
 
@@ -609,10 +609,14 @@ TRAJECTORY_FLAGS = SHAPE_FLAGS + ('epochs', 'warmup_epochs', 'base_lr', 'warmup_
 
 
 def inherit(args, saved, names=ARCH_FLAGS):
-    """Fill the flags the user left unset from a checkpoint's saved args; not its normalisation for other channels."""
+    """Fill the flags the user left unset from a checkpoint's saved args. For data of other channels, not the
+    normalisation and intensity (their data's), except the channel average of the mean and std for grey images."""
     other_channels = args.in_chans is not None and args.in_chans != saved.get('in_chans', 3)
     for name in names:
-        if other_channels and name in ('mean', 'std'):
+        if other_channels and name in ('mean', 'std') and args.in_chans == 1 and saved.get(name) \
+                and getattr(args, name) is None:
+            setattr(args, name, [sum(saved[name]) / len(saved[name])])
+        if other_channels and name in ('mean', 'std', 'intensity'):
             continue
         if getattr(args, name, None) is None and saved.get(name) is not None:
             setattr(args, name, saved[name])

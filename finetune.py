@@ -42,7 +42,7 @@ TIMM_NAMES = {'swin_tiny': 'swin_tiny_patch4_window7_224', 'swin_small': 'swin_s
               'vit_large': 'beit_large_patch16_224'}
 # Besides engine.TRAJECTORY_FLAGS, what a resumed fine-tuning must keep
 FINETUNE_FLAGS = ('layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
-                  'reprob', 'scale', 'hflip')
+                  'color_jitter', 'reprob', 'scale', 'hflip')
 
 
 def at_most_one(text):
@@ -72,6 +72,8 @@ def get_args_parser():
                                                                      'the area')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits, ...)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' for none")
+    g.add_argument('--color-jitter', type=engine.AMOUNT, default=0.4,
+                   help='brightness, contrast and saturation jitter, used without RandAugment; 0 = off')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--mixup', type=engine.AMOUNT, default=0.8, help='mixup alpha, 0 = off')
     g.add_argument('--cutmix', type=engine.AMOUNT, default=1.0, help='cutmix alpha, 0 = off')
@@ -167,7 +169,8 @@ def load_data(args, normalize):
     datasets = {}
     if not args.eval:
         train = os.path.join(args.data_path, 'train')
-        transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale, args.hflip)
+        transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale, args.hflip,
+                                            args.color_jitter)
         datasets['train'] = data.ImageDataset(train, transform, args.in_chans, args.classes, args.intensity)
         if isinstance(datasets['train'].load(0)[0], torch.Tensor) and args.aa:  # at least one readable image, 8-bit?
             raise ValueError(f"RandAugment (--aa) works on 8-bit images, and '{train}' holds images of more bits or "
@@ -326,6 +329,8 @@ def start(args, run):
     use = args.eval or args.predict or args.throughput or args.export
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
+    if args.predict_csv and not args.predict:
+        raise SystemExit("error: --predict-csv writes the predictions of --predict IMG ...: pass both")
     if resume and not ours and not use:
         raise SystemExit(f"error: '{resume}' is no finetune.py checkpoint, so training cannot resume from it; "
                          f"start from it with --pretrained")
@@ -341,6 +346,7 @@ def start(args, run):
             or pretrained_windows(saved)
     if args.linear_probe:
         args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = args.drop_path = 0.
+        args.color_jitter = 0.
         args.aa = ''
     normalize = engine.normalization(args)
     run.print(f"input: {args.img_size}px, {args.in_chans} channels, mean {args.mean} std {args.std} of 0-1 pixels, "
@@ -352,8 +358,8 @@ def start(args, run):
         model = build_model(args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    if ours:
-        engine.check_resume_flags(run, args, saved, resume, engine.SHAPE_FLAGS)  # one line naming the change
+    if ours:  # the model and the data it was trained on; one line naming a change
+        engine.check_resume_flags(run, args, saved, resume, engine.SHAPE_FLAGS + ('mean', 'std', 'intensity'))
         engine.load_model_state(model, source['model'], resume)
         run.print(f"loaded {resume} (epoch {source.get('epoch')}"
                   + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))

@@ -510,7 +510,9 @@ def load_pretrained(model, checkpoint):
     proj = next((k for k in ('patch_embed.proj.weight', 'encoder.patch_embed.proj.weight') if k in target), None)
     if proj in state and state[proj].shape[1] != target[proj].shape[1]:
         source, chans = state[proj].shape[1], target[proj].shape[1]
-        state[proj] = adapt_input_conv(chans, state[proj])
+        w = state[proj]  # from RGB timm's rule; else the mean filter, for the same response to equal channels
+        state[proj] = adapt_input_conv(chans, w) if source == 3 else w.mean(1, keepdim=True).repeat(1, chans, 1, 1) * (
+            source / chans)
         adapted = [proj, f'{source} -> {chans} channels']
         for k in ('decoder.0.weight', 'decoder.0.bias'):
             if k in state and k in target:  # (channels x stride^2 outputs, ...): grey = the channels' mean

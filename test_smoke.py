@@ -258,23 +258,25 @@ def test_16_bit_images_keep_their_precision_by_the_intensity_rule(tmp_path):
     Image.fromarray(ramp).save(tmp_path / 'xray.png')
     with pytest.warns(UserWarning, match='reach 4092 of 65535'):
         dark = data.load_image(tmp_path / 'xray.png', 1)
-    assert dark.shape == (1, 8, 1024) and float(dark.max()) == pytest.approx(4092 * 255 / 65535)  # the type's range
+    assert dark.shape == (1, 8, 1024) and float(dark.max()) == pytest.approx(4092 / 65535)  # the type's range
     for rule, white in ((4095, 4095), ('image', 4092)):
         x = data.load_image(tmp_path / 'xray.png', 1, rule)
-        assert len(x.unique()) == 1024 and float(x.max()) == pytest.approx(255 * 4092 / white)  # not 256 levels
-        assert torch.allclose(x[0, 0], torch.tensor(ramp[0] * (255 / white), dtype=torch.float32))
+        assert len(x.unique()) == 1024 and float(x.max()) == pytest.approx(4092 / white)  # not 256 levels
+        assert torch.allclose(x[0, 0], torch.tensor(ramp[0] / white, dtype=torch.float32))
     spread = data.load_image(tmp_path / 'xray.png', 3, 'percentile')
-    assert spread.shape == (3, 8, 1024) and float(spread.min()) == 0 and float(spread.max()) == 255
+    assert spread.shape == (3, 8, 1024) and float(spread.min()) == 0 and float(spread.max()) == 1
     assert len(np.unique((ramp / 257).astype(np.uint8))) == 16  # the control: 8 bits of it (the old reading) keep 16
     normalize = data.normalization(1, [0.5], [0.25])
-    assert torch.allclose(normalize(x), (x / 255 - 0.5) / 0.25, atol=1e-6)  # tensors on the 0-255 scale, as PIL images
+    assert torch.allclose(normalize(x), (x - 0.5) / 0.25, atol=1e-6)  # tensors of 0-1 pixels
+    augmented = data.finetune_transform(64, normalize, '', 0, 0.6, 0)(torch.rand(1, 48, 48))  # + color jitter
+    assert augmented.shape == (1, 64, 64) and augmented.std() > 0.5  # the image survives (at 0-255 it turned flat)
 
 
 def test_npy_arrays_load_with_any_number_of_channels(tmp_path):
     tile = np.random.default_rng(0).integers(0, 10000, (12, 10, 5)).astype(np.uint16)  # 5-band satellite tile
     np.save(tmp_path / 'tile.npy', tile)
     x = data.load_image(tmp_path / 'tile.npy', 5, 10000)
-    expected = torch.tensor(tile.transpose(2, 0, 1) / 10000. * 255, dtype=torch.float32)
+    expected = torch.tensor(tile.transpose(2, 0, 1) / 10000., dtype=torch.float32)
     assert x.shape == (5, 12, 10) and torch.allclose(x, expected)
     with pytest.raises(ValueError, match='has 5 channels, the model takes 3'):
         data.load_image(tmp_path / 'tile.npy', 3)
@@ -1484,7 +1486,7 @@ def test_a_float_image_with_a_nan_pixel_keeps_its_contrast(tmp_path):
     a[0, 0] = np.nan
     Image.fromarray(a, mode='F').save(tmp_path / 'nan.tif')
     img = data.load_image(tmp_path / 'nan.tif', 1)[0].numpy()
-    assert img[0, 0] == 0 and img.max() == 255 and 130 < img[5, 5] < 150  # before: all black
+    assert img[0, 0] == 0 and img.max() == 1 and 130 / 255 < img[5, 5] < 150 / 255  # before: all black
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1600,6 +1602,11 @@ def test_an_rgb_checkpoint_loads_into_other_channel_counts():
         grey.encoder.patch_embed.proj.weight.copy_(rgb.encoder.patch_embed.proj.weight[:, :1])  # the control
         assert not torch.allclose(grey.encoder(grey_image, mask), rgb.encoder(grey_image.expand(-1, 3, -1, -1), mask))
     assert torch.equal(first_only, rgb.encoder.patch_embed.proj.weight.sum(1, keepdim=True))
+    with torch.no_grad():  # and back: a grey checkpoint reads an RGB image of equal channels as that grey
+        grey.encoder.patch_embed.proj.weight.copy_(first_only)
+        back = models.build_simmim('vit_small', **kw).eval()
+        assert models.load_pretrained(back, grey.state_dict())['adapted'][1] == '1 -> 3 channels'
+        torch.testing.assert_close(back.encoder(grey_image.expand(-1, 3, -1, -1), mask), grey.encoder(grey_image, mask))
     four = models.build_classifier('vit_small', num_classes=2, in_chans=4, **kw)
     report = models.load_pretrained(four, rgb.state_dict())
     assert report['adapted'][1] == '3 -> 4 channels' and four.patch_embed.proj.weight.shape[1] == 4
