@@ -253,7 +253,8 @@ class Run:
 
 def keep_freed_memory():
     """glibc keeps freed memory for reuse (this process and its loader workers) instead of unmapping every large
-    tensor and faulting it in again on the next step: on CPUs the training step's largest lever (README: Performance)."""
+    tensor and faulting it in again on the next step: on CPUs the training step's largest lever (README:
+    Performance)."""
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:  # not glibc (macOS, musl)
