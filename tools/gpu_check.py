@@ -200,6 +200,9 @@ def host_syncs_item(cfg, out):
     """Pretraining epochs under sync debug mode: every host wait is recorded with the line of ours that caused it.
     Waits that happen once per log line or per epoch are allowed; any that happens every step fails."""
     import benchmark
+    import data
+    import engine
+    import models
     import pretrain
     results = []
     for distributed in (False, True):
@@ -210,25 +213,31 @@ def host_syncs_item(cfg, out):
              '--num-workers', str(cfg['workers']), '--epochs', '1', '--print-freq', '1000', *cfg['device'],
              '--output', os.path.join(out, f'syncs_{distributed}')])
         os.makedirs(args.output, exist_ok=True)
-        run = pretrain.Run(args)
-        try:
-            model, normalize, masks, dataset, loader, _ = pretrain.setup(args, run)
-            model.to(run.device)
-            pretrain.models.use_fused_attention(model, run.device.type == 'cuda')
+        run = engine.Run(args)
+        try:  # pretrain.py's model, data and step, from the public functions it uses
+            args.model = args.model or 'swin_base'
+            model = models.build_simmim(args.model, args.img_size, **engine.arch_overrides(args)).to(run.device)
+            models.use_fused_attention(model, run.device.type == 'cuda')
+            args.img_size, args.in_chans = model.encoder.patch_embed.img_size[0], model.in_chans
+            masks = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
+            transform = data.PretrainTransform(args.img_size, masks, engine.normalization(args))
+            loader = data.build_loader(data.ImageDataset(args.data_path, transform), args.batch_size,
+                                       args.num_workers, args.seed, run.world_size, run.rank)
+            engine.scale_lrs(args, run.world_size, len(loader))
             model_ddp = run.wrap(model)
-            optimizer = pretrain.build_optimizer(model, args)
-            trainer = pretrain.Trainer(model_ddp, optimizer, pretrain.build_scheduler(optimizer, args, 1000), args,
-                                       run)
+            optimizer = engine.build_optimizer(model, args)
+            trainer = engine.Trainer(model_ddp, optimizer, engine.build_scheduler(optimizer, args), args, run)
 
             def loss_fn(batch):
                 (images, m), _, _ = batch
                 return model_ddp(images.to(run.device, non_blocking=True), m.to(run.device, non_blocking=True))
 
             steps = 12
-            args.print_freq = steps  # one log line, at the end
-            pretrain.train_one_epoch(trainer, loader, loss_fn, 0, 3, args, run, lambda e, s: {})  # warm-up
+            args.print_freq = args.steps_per_epoch = 3  # warm-up
+            engine.train_one_epoch(trainer, loader, loss_fn, 0, args, run, lambda e, s: {})
+            args.print_freq = args.steps_per_epoch = steps  # one log line, at the end
             sites = benchmark.host_syncs(  # on a CPU: {}, the code path alone
-                lambda: pretrain.train_one_epoch(trainer, loader, loss_fn, 1, steps, args, run, lambda e, s: {}))
+                lambda: engine.train_one_epoch(trainer, loader, loss_fn, 1, args, run, lambda e, s: {}))
             per_step = {k: v for k, v in sites.items() if v >= steps}
             label = ('torchrun one-process group' + (' (gloo)' if cfg['device'] else ' (NCCL)')) if distributed \
                 else 'single process'
