@@ -18,6 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.npy')
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
 
 
 class MaskGenerator:
@@ -109,9 +110,8 @@ def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1',
                        hflip=0.5, color_jitter=0.4):
     """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic, area scale-1),
     flip, RandAugment (or without it color jitter), normalisation, random erasing (pixel mode, one box); posterize
-    works with any Pillow. Its
-    ToTensor + Normalize become normalize, which also takes load_image's tensors (RandAugment takes 8-bit images,
-    color jitter, used without RandAugment, 1 or 3 channels)."""
+    works with any Pillow. Its ToTensor + Normalize become normalize, which also takes load_image's tensors
+    (RandAugment takes 8-bit images; color jitter 1 or 3 channels)."""
     transform = create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
                                  auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
                                  re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std,
@@ -177,14 +177,16 @@ def load_image(path, in_chans=3, intensity='type'):
     if len(pixels) != in_chans and (len(pixels), in_chans) not in ((1, 3), (3, 1)):
         raise ValueError(f"{path} has {len(pixels)} channels, the model takes {in_chans} (--in-chans)")
     finite = pixels[np.isfinite(pixels)]
-    if intensity == 'percentile' and finite.size:
-        low, high = np.percentile(finite, (0.5, 99.5))
-    elif (intensity == 'image' or intensity == 'type' and type_max is None) and finite.size:
-        low, high = finite.min(), finite.max()
-    elif intensity in ('type', 'image', 'percentile'):
-        low, high = 0., float(type_max or 1)
-    else:
+    if intensity not in ('type', 'image', 'percentile'):
         low, high = 0., float(intensity)
+    elif intensity == 'type' and type_max:
+        low, high = 0., float(type_max)
+    elif not finite.size:  # all NaN
+        low, high = 0., 1.
+    elif intensity == 'percentile':
+        low, high = np.percentile(finite, (0.5, 99.5))
+    else:  # 'image', and floats under 'type'
+        low, high = finite.min(), finite.max()
     if intensity == 'type' and type_max and finite.size and finite.max() < type_max / 16 and not _warned:
         _warned.append(path)
         warnings.warn(f"{path}: its pixels reach {finite.max():.0f} of {type_max} (12-bit data in 16-bit files?), so "
@@ -293,7 +295,7 @@ class ImageDataset(Dataset):
             path, label = self.sample((index + skipped) % len(self))
             try:
                 return load_image(path, self.in_chans, self.intensity), label, skipped
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            except UNREADABLE as e:
                 warnings.warn(f"skipping unreadable image {path}: {e}")
                 last = e
         raise ValueError(f"none of the {len(self)} image files under '{self.root}' could be read (the last: {last})")
@@ -316,7 +318,7 @@ def folder_stats(dataset, max_images=1000):
     for i in index:
         try:
             img = load_image(dataset.sample(i)[0], dataset.in_chans, dataset.intensity)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except UNREADABLE as e:
             warnings.warn(f"skipping unreadable image {dataset.sample(i)[0]}: {e}")
             continue
         used += 1

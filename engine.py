@@ -566,9 +566,9 @@ def load_checkpoint(path, allow_pickle=False):
         checkpoint = models.read_checkpoint(path, allow_pickle)
     except models.PickledCheckpoint as e:
         raise SystemExit(f"error: {e}; pass --allow-pickle if you trust it") from None
+    except UnicodeDecodeError:  # a damaged file (a ValueError too)
+        raise CorruptCheckpoint(f"error: cannot load checkpoint '{path}' (unreadable header); {damaged}") from None
     except ValueError as e:
-        if isinstance(e, UnicodeDecodeError):  # a damaged file
-            raise CorruptCheckpoint(f"error: cannot load checkpoint '{path}' (unreadable header); {damaged}") from None
         raise SystemExit(f"error: {e}") from None
     except Exception as e:  # torch's own text for a file that is no checkpoint advises weights_only=False: not shown
         why = 'not a PyTorch file' if 'pickl' in type(e).__name__.lower() else str(e).splitlines()[0].split('. ')[0]
@@ -627,13 +627,11 @@ def inherit(args, saved, names=ARCH_FLAGS):
     normalisation and intensity (their data's), except the channel average of the mean and std for grey images."""
     other_channels = args.in_chans is not None and args.in_chans != saved.get('in_chans', 3)
     for name in names:
-        if other_channels and name in ('mean', 'std') and args.in_chans == 1 and saved.get(name) \
-                and getattr(args, name) is None:
-            setattr(args, name, [sum(saved[name]) / len(saved[name])])
+        value = saved.get(name)
         if other_channels and name in ('mean', 'std', 'intensity'):
-            continue
-        if getattr(args, name, None) is None and saved.get(name) is not None:
-            setattr(args, name, saved[name])
+            value = [sum(value) / len(value)] if value and args.in_chans == 1 and name != 'intensity' else None
+        if getattr(args, name, None) is None and value is not None:
+            setattr(args, name, value)
 
 
 def check_resume_flags(run, args, saved, path, names):

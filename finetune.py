@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -131,11 +130,17 @@ def layer_scales(model, decay):
     return scale
 
 
+def classifier_overrides(args):
+    """The classifier's architecture arguments beyond engine.arch_overrides: SwinV2's pretraining windows, ViT's
+    pooling norm."""
+    vit = models.MODELS[args.model]['family'] == models.VIT
+    return dict(engine.arch_overrides(args), pretrained_window_sizes=args.pretrained_window_sizes,
+                **({'use_fc_norm': args.vit_norm != 'final'} if vit else {}))
+
+
 def build_model(args):
-    vit = {'use_fc_norm': args.vit_norm != 'final'} if models.MODELS[args.model]['family'] == models.VIT else {}
     model = models.build_classifier(args.model, args.img_size, args.num_classes, args.use_checkpoint,
-                                    pretrained_window_sizes=args.pretrained_window_sizes, **engine.arch_overrides(args),
-                                    **vit)
+                                    **classifier_overrides(args))
     if args.linear_probe:  # frozen encoder, BatchNorm (no affine) + linear on the pooled features
         for p in model.parameters():
             p.requires_grad = False
@@ -209,7 +214,7 @@ def evaluate(model, loader, run, amp_context):
     model.eval()
     k = model.num_classes
     totals = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss, top-5 hits, images
-    confusion = torch.zeros(k * k, dtype=torch.int64, device=run.device)
+    confusion = torch.zeros(k * k, dtype=torch.float64, device=run.device)
     for images, targets, skipped in loader:
         readable = (skipped == 0).to(run.device)  # an unreadable file's stand-in is counted with its own index
         images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
@@ -218,11 +223,11 @@ def evaluate(model, loader, run, amp_context):
         loss = F.cross_entropy(logits, targets, reduction='none')
         top5 = logits.topk(min(5, k), 1).indices.eq(targets[:, None]).any(1)
         totals += torch.stack([(loss * readable).sum(), (top5 & readable).sum(), readable.sum()]).double()
-        confusion += torch.bincount((targets * k + logits.argmax(1))[readable.bool()], minlength=k * k)
+        confusion.index_add_(0, targets * k + logits.argmax(1), readable.double())  # no wait for the device
     if run.distributed:
         dist.all_reduce(totals)
         dist.all_reduce(confusion)
-    confusion = confusion.view(k, k)
+    confusion = confusion.view(k, k).long()
     (loss, top5, n), hits = totals.tolist(), confusion.diag()
     return dict(loss=loss / max(n, 1), acc1=100 * hits.sum().item() / max(n, 1),
                 acc5=100 * top5 / max(n, 1) if k > 5 else None, images=int(n),
@@ -268,7 +273,7 @@ def predict(model, paths, classes, transform, args, run, amp_context, k=5):
         name = os.fsencode(path).decode(errors='replace')  # printable under any locale
         try:
             image = transform(data.load_image(path, args.in_chans, args.intensity))[None].to(run.device)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except data.UNREADABLE as e:
             print(f"{name}: unreadable ({e})", flush=True)
             rows.append([name, 'unreadable'])
             continue
@@ -302,12 +307,9 @@ def export(model, args, run):
                label_names=tuple(args.classes) if args.classes else None)
     if run.main:
         engine.save_atomic(lambda f: torch.save(dict(state_dict=state, pretrained_cfg=cfg), f), args.export)
-        family, kw = models.model_kwargs(args.model, args.img_size, False, **engine.arch_overrides(args),
-                                         pretrained_window_sizes=args.pretrained_window_sizes)
+        _, kw = models.model_kwargs(args.model, args.img_size, False, **classifier_overrides(args))
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if k not in ('drop_path_rate',
                                                                                               'init_values')}
-        if family == models.VIT:
-            kw['use_fc_norm'] = args.vit_norm != 'final'
         shown = ', '.join(f"{k}={v!r}" for k, v in kw.items())
         run.print(f"wrote {args.export}; in timm: timm.create_model('{TIMM_NAMES[args.model]}', {shown}, num_classes="
                   f"{args.num_classes}, checkpoint_path='{args.export}', pretrained_cfg_overlay=torch.load("
