@@ -79,14 +79,10 @@ def add_arch_args(g):
 
 def arch_overrides(args):
     """The architecture flags as models.build_* keyword arguments."""
-    vit = models.MODELS[args.model]['family'] == models.VIT
     for flag in ('depths', 'num_heads'):
-        if vit and getattr(args, flag) is not None and len(getattr(args, flag)) != 1:
+        if models.MODELS[args.model]['family'] == models.VIT and len(getattr(args, flag) or [0]) != 1:
             raise ValueError(f"--{flag.replace('_', '-')} takes one number for ViT models, got {getattr(args, flag)}")
-    stages = lambda v: v and (v[0] if vit else tuple(v))
-    return dict(window_size=args.window_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                in_chans=args.in_chans, drop_path_rate=args.drop_path, num_heads=stages(args.num_heads),
-                **{'depth' if vit else 'depths': stages(args.depths)})
+    return models.arch_kwargs(vars(args))
 
 
 def intensity_rule(text):
@@ -318,9 +314,9 @@ NO_DECAY = {
 }
 
 
-def build_optimizer(model, args, lr_scales=None):
+def build_optimizer(model, args, lr_scales=None, momentum=None):
     """AdamW with the official weight-decay set (NO_DECAY) of a SimMIM model (pretraining) or a classifier.
-    lr_scales (optional) maps a parameter name to its layer-wise lr multiplier."""
+    lr_scales (optional) maps a parameter name to its layer-wise lr multiplier. With a momentum: SGD (linear probes)."""
     exempt = NO_DECAY[models.MODELS[args.model]['family'], isinstance(model, models.SimMIM)]
     groups = {}
     for name, p in model.named_parameters():
@@ -332,6 +328,8 @@ def build_optimizer(model, args, lr_scales=None):
                                                           lr_scale=scale))
         group['params'].append(p)
     # fused: one kernel per step for the whole update, and it can skip a step on the device (Trainer.step)
+    if momentum is not None:
+        return torch.optim.SGD(list(groups.values()), lr=args.lr, momentum=momentum, fused=True)
     return torch.optim.AdamW(list(groups.values()), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
@@ -557,15 +555,15 @@ class CorruptCheckpoint(SystemExit):
 
 
 def load_checkpoint(path, allow_pickle=False):
-    """Any supported checkpoint (models.read_checkpoint), verified against its checksum; its 'args' are read off the
-    weights when it has none."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint '{path}' does not exist")
+    """Any supported checkpoint or published name (models.read_checkpoint), verified against its checksum; its
+    'args' are read off the weights when it has none."""
     damaged = "it is truncated, corrupted or not a PyTorch checkpoint"
     try:
         checkpoint = models.read_checkpoint(path, allow_pickle)
     except models.PickledCheckpoint as e:
         raise SystemExit(f"error: {e}; pass --allow-pickle if you trust it") from None
+    except (FileNotFoundError, models.DownloadError) as e:
+        raise SystemExit(f"error: {e}") from None
     except UnicodeDecodeError:  # a damaged file (a ValueError too)
         raise CorruptCheckpoint(f"error: cannot load checkpoint '{path}' (unreadable header); {damaged}") from None
     except ValueError as e:

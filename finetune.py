@@ -10,6 +10,7 @@ images, layer decay 0.9, drop path 0.1, RandAugment, random erasing, mixup/cutmi
 machinery (distributed run, optimizer, AMP step, checkpoints, logging) is engine.py's, shared with pretrain.py.
 """
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -31,7 +32,7 @@ import models
 LAYER_DECAY = {'swin_large': 0.7, 'swinv2_base': 0.75, 'vit_small': 0.65, 'vit_base': 0.65, 'vit_large': 0.65}
 # What a resumed, evaluated or used checkpoint carries over: the whole classifier
 CLASSIFIER_FLAGS = engine.ARCH_FLAGS + ('window_size', 'img_size', 'num_classes', 'classes', 'linear_probe',
-                                        'pretrained_window_sizes', 'vit_norm', 'crop_pct')
+                                        'probe_block', 'pretrained_window_sizes', 'vit_norm', 'crop_pct')
 # The timm model each of ours is (the printed timm.create_model call sets every field that differs)
 TIMM_NAMES = {'swin_tiny': 'swin_tiny_patch4_window7_224', 'swin_small': 'swin_small_patch4_window7_224',
               'swin_base': 'swin_base_patch4_window7_224', 'swin_large': 'swin_large_patch4_window7_224',
@@ -39,6 +40,11 @@ TIMM_NAMES = {'swin_tiny': 'swin_tiny_patch4_window7_224', 'swin_small': 'swin_s
               'swinv2_base': 'swinv2_base_window8_256', 'swinv2_large': 'swinv2_large_window12_192',
               'vit_small': 'beit_base_patch16_224', 'vit_base': 'beit_base_patch16_224',
               'vit_large': 'beit_large_patch16_224'}
+# A linear probe's recipe (MAE's main_linprobe.py: 90 epochs, 10 warmup, BatchNorm + linear, no weight decay, mixup
+# or RandAugment; with SGD, as LARS barely moves the head at the batches of one GPU: README) for the flags left at
+# their fine-tuning defaults. lr 1.0 per 512 images
+PROBE_DEFAULTS = dict(epochs=90, warmup_epochs=10, base_lr=1.0, warmup_lr=0., min_lr=0., weight_decay=0., clip_grad=0.,
+                      mixup=0., cutmix=0., smoothing=0., reprob=0., aa='', color_jitter=0., drop_path=0.)
 # Besides engine.TRAJECTORY_FLAGS, what a resumed fine-tuning must keep
 FINETUNE_FLAGS = ('layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'aa',
                   'color_jitter', 'reprob', 'scale', 'hflip')
@@ -64,8 +70,11 @@ def get_args_parser():
                    help="ViT's pooled features: 'fc' mean-pools, then a new LayerNorm (the official fine-tuning, "
                         "default); 'final' keeps the pretrained final norm on the tokens (an exported encoder's)")
     g.add_argument('--linear-probe', action='store_true', default=None,
-                   help='freeze the encoder, train BatchNorm + linear on pooled features (no mixup, RandAugment, '
-                        'erasing, smoothing, weight decay)')
+                   help='freeze the encoder, train BatchNorm + linear on pooled features with the probe recipe: SGD, '
+                        'lr 1.0, 90 epochs, no weight decay, mixup, RandAugment, erasing or smoothing (flags given '
+                        'win)')
+    g.add_argument('--probe-block', type=engine.SIZE, default=None,
+                   help="ViT: probe the output of this block (the paper's ViT-B: 8) instead of the last")
     g = p.add_argument_group('augmentation (official fine-tuning values)')
     g.add_argument('--scale', type=engine.AMOUNT, default=0.08, help='RandomResizedCrop: smallest crop, a fraction of '
                                                                      'the area')
@@ -145,18 +154,13 @@ def build_model(args):
         for p in model.parameters():
             p.requires_grad = False
         parent, attr = (model.head, 'fc') if hasattr(model.head, 'fc') else (model, 'head')
-        fc = getattr(parent, attr).requires_grad_(True)
-        fc.reset_parameters()
-        setattr(parent, attr, nn.Sequential(nn.BatchNorm1d(fc.in_features, affine=False, eps=1e-6), fc))
+        setattr(parent, attr, models.probe_head(getattr(parent, attr).requires_grad_(True)))
     return model
 
 
 def pretrained_windows(saved):
     """SwinV2's per-stage windows in pretraining, which its continuous position bias is scaled by."""
-    flags = ('model', 'img_size', 'window_size', 'patch_size', 'embed_dim', 'depths', 'num_heads', 'in_chans',
-             'drop_path')
-    pre = argparse.Namespace(**{k: saved.get(k) for k in flags})  # unknown ones (weights of other code): defaults
-    _, kw = models.model_kwargs(pre.model, pre.img_size, True, **engine.arch_overrides(pre))
+    _, kw = models.model_kwargs(saved['model'], saved.get('img_size'), True, **models.arch_kwargs(saved))
     res = kw['img_size'] // kw['patch_size']
     return [min(kw['window_size'], res // 2 ** i) for i in range(len(kw['depths']))]
 
@@ -258,9 +262,22 @@ def throughput(model, args, run, amp_context, steps=10):
 
 
 @torch.no_grad()
-def predict(model, paths, classes, transform, args, run, amp_context, k=5):
+def classify(model, image, k=5, autocast=contextlib.nullcontext()):
+    """One image file -> its top-k [(class name, probability)], preprocessed by model.pretrained_cfg (a model of
+    models.load_model, or of this script)."""
+    cfg = model.pretrained_cfg
+    chans, size = cfg['input_size'][:2]
+    transform = data.eval_transform(size, data.normalization(chans, cfg['mean'], cfg['std']), cfg['crop_pct'])
+    x = transform(data.load_image(image, chans, cfg['intensity']))[None].to(next(model.parameters()).device)
+    with autocast:
+        probs = model.eval()(x).float().softmax(1)[0]
+    top = probs.topk(min(k, len(probs)))
+    return [(cfg['label_names'][i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def predict(model, paths, args, amp_context, k=5):
     """Print each image's top-k classes (k up to the number of classes); write them to --predict-csv too."""
-    files, rows, k = [], [], min(k, len(classes))
+    files, rows, k = [], [], min(k, args.num_classes)
     for path in paths:
         if not os.path.exists(path):
             raise SystemExit(f"error: --predict '{path}' does not exist")
@@ -268,19 +285,14 @@ def predict(model, paths, classes, transform, args, run, amp_context, k=5):
             files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}")
-    model.eval()
     for path in files:
         name = os.fsencode(path).decode(errors='replace')  # printable under any locale
         try:
-            image = transform(data.load_image(path, args.in_chans, args.intensity))[None].to(run.device)
+            guesses = classify(model, path, k, amp_context)
         except data.UNREADABLE as e:
             print(f"{name}: unreadable ({e})", flush=True)
             rows.append([name, 'unreadable'])
             continue
-        with amp_context:
-            probs = model(image).float().softmax(1)[0]
-        top = probs.topk(k)
-        guesses = [(classes[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
         print(f"{name}: " + ', '.join(f"{c} {100 * p:.1f}%" for c, p in guesses), flush=True)
         rows.append([name] + [v for c, p in guesses for v in (c, f'{p:.6f}')])
     if args.predict_csv:
@@ -291,20 +303,10 @@ def predict(model, paths, classes, transform, args, run, amp_context, k=5):
 
 
 def export(model, args, run):
-    """Write the classifier (or head-less encoder) for timm: its state dict, a linear probe's BatchNorm (no affine)
-    folded into the linear head, with the preprocessing as timm's pretrained_cfg; print the call that loads both."""
-    state = model.state_dict()
-    head = 'head.fc.' if 'head.fc.1.weight' in state else 'head.'
-    if head + '1.weight' in state:
-        norm = model.head.fc[0] if head == 'head.fc.' else model.head[0]
-        scale = (state.pop(head + '0.running_var') + norm.eps).rsqrt()
-        mean = state.pop(head + '0.running_mean')
-        state.pop(head + '0.num_batches_tracked', None)
-        weight = state.pop(head + '1.weight') * scale
-        state[head + 'weight'], state[head + 'bias'] = weight, state.pop(head + '1.bias') - weight @ mean
-    cfg = dict(input_size=(args.in_chans, args.img_size, args.img_size), mean=tuple(args.mean), std=tuple(args.std),
-               interpolation='bicubic', crop_pct=args.crop_pct, num_classes=args.num_classes,
-               label_names=tuple(args.classes) if args.classes else None)
+    """Write the classifier (or head-less encoder) for timm: its state dict, a linear probe's BatchNorm folded into the
+    linear head, with the preprocessing as timm's pretrained_cfg; print the call that loads both."""
+    state = models.fold_probe_head(model.state_dict())
+    cfg = models.preprocessing(vars(args), args.num_classes)
     if run.main:
         engine.save_atomic(lambda f: torch.save(dict(state_dict=state, pretrained_cfg=cfg), f), args.export)
         _, kw = models.model_kwargs(args.model, args.img_size, False, **classifier_overrides(args))
@@ -346,10 +348,14 @@ def start(args, run):
     if saved and models.MODELS[args.model]['family'] == models.SWINV2:
         args.pretrained_window_sizes = args.pretrained_window_sizes or saved.get('pretrained_window_sizes') \
             or pretrained_windows(saved)
-    if args.linear_probe:
-        args.mixup = args.cutmix = args.reprob = args.smoothing = args.weight_decay = args.drop_path = 0.
-        args.color_jitter = 0.
-        args.aa = ''
+    if args.linear_probe:  # the probe's recipe for the flags left at their fine-tuning defaults
+        defaults = get_args_parser()
+        probe = {k: v for k, v in PROBE_DEFAULTS.items() if getattr(args, k) == defaults.get_default(k)}
+        vars(args).update(probe)
+        run.print("linear probe: SGD (momentum 0.9), " + ', '.join(f"--{k.replace('_', '-')} {v!r}"
+                                                                  for k, v in probe.items()))
+    if args.probe_block and not (args.linear_probe and models.MODELS[args.model]['family'] == models.VIT):
+        raise SystemExit("error: --probe-block is for --linear-probe of ViT models (a Swin probe reads the last stage)")
     normalize = engine.normalization(args)
     run.print(f"input: {args.img_size}px, {args.in_chans} channels, mean {args.mean} std {args.std} of 0-1 pixels, "
               f"intensity {args.intensity}; evaluation crop {args.crop_pct}")
@@ -370,16 +376,19 @@ def start(args, run):
         if (args.eval or args.predict) and any(k.startswith('head.') for k in report['missing']):
             raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it first "
                              f"(--pretrained {resume}), then --eval or --predict with the result")
+    if args.probe_block and len(model.blocks) > args.probe_block:  # the blocks past it go; the checkpoints say so
+        del model.blocks[args.probe_block:]
+        args.depths = [args.probe_block]
     if args.export:
         return export(model, args, run)
     model.to(run.device)
     models.use_fused_attention(model, run.device.type == 'cuda')
     amp, amp_context = engine.autocast(args.amp, run.device)
-    classes = args.classes or [f'class {i}' for i in range(args.num_classes)]  # checkpoints of other code
+    classes = models.class_names(args.num_classes, args.classes)  # checkpoints of other code: ImageNet's or numbers
+    model.pretrained_cfg = dict(models.preprocessing(vars(args), args.num_classes), intensity=args.intensity)
     if args.predict:
         if run.main:
-            predict(model, args.predict, classes, data.eval_transform(args.img_size, normalize, args.crop_pct), args,
-                    run, amp_context)
+            predict(model, args.predict, args, amp_context)
         return
     if args.throughput:
         return throughput(model, args, run, amp_context)
@@ -407,7 +416,8 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     # optimizer: AdamW with layer-wise lr decay, per-step cosine schedule with linear warmup
     if args.layer_decay is None:
         args.layer_decay = LAYER_DECAY.get(args.model, 0.9)
-    optimizer = engine.build_optimizer(model, args, layer_scales(model, args.layer_decay))
+    optimizer = engine.build_optimizer(model, args, layer_scales(model, args.layer_decay),
+                                       momentum=0.9 if args.linear_probe else None)
     trainer = engine.Trainer(model_ddp, optimizer, engine.build_scheduler(optimizer, args), args, run)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                   switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing, num_classes=args.num_classes) \

@@ -11,17 +11,20 @@ the scripts use on GPUs).
     report = load_pretrained(classifier, torch.load('ckpt.pth', weights_only=True))   # window 6 -> 7 tables resized
     pooled, feature_map = extract_features(classifier, images)
 """
+import difflib
 import json
 import math
 import os
 import pickle
 import re
+import urllib.error
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 from timm.models.beit import Beit
@@ -299,6 +302,47 @@ def extract_features(model, x):
     return model.forward_head(tokens, pre_logits=True), tokens.permute(0, 3, 1, 2)  # Swin: (B, h, w, C)
 
 
+def probe_head(fc):
+    """A linear probe's head: BatchNorm without affine parameters (the features standardised), then fc, initialised
+    as MAE's (weights N(0, 0.01), biases 0)."""
+    trunc_normal_(fc.weight, std=.01)
+    nn.init.zeros_(fc.bias)
+    return nn.Sequential(nn.BatchNorm1d(fc.in_features, affine=False, eps=1e-6), fc)
+
+
+def fold_probe_head(state):
+    """A state dict with a probe_head -> the same classifier with a plain linear head (the BatchNorm folded in)."""
+    head = 'head.fc.' if 'head.fc.1.weight' in state else 'head.'
+    if head + '1.weight' not in state:
+        return state
+    state = dict(state)
+    scale, mean = (state.pop(head + '0.running_var') + 1e-6).rsqrt(), state.pop(head + '0.running_mean')
+    state.pop(head + '0.num_batches_tracked', None)
+    weight = state.pop(head + '1.weight') * scale
+    state[head + 'weight'], state[head + 'bias'] = weight, state.pop(head + '1.bias') - weight @ mean
+    return state
+
+
+def class_names(num_classes, names=None):
+    """names, else ImageNet-1k's for 1000 classes (timm's; the first name of each), else 'class i'."""
+    if names:
+        return list(names)
+    if num_classes == 1000:
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(',')[0] for i in range(1000)]
+    return [f'class {i}' for i in range(num_classes)]
+
+
+def preprocessing(saved, num_classes):
+    """timm's pretrained_cfg of a model saved with these fields (img_size, in_chans, mean, std, crop_pct, classes;
+    mean and std by default ImageNet's)."""
+    chans, size = saved.get('in_chans') or 3, saved['img_size']
+    return dict(input_size=(chans, size, size), mean=tuple(saved.get('mean') or IMAGENET_DEFAULT_MEAN),
+                std=tuple(saved.get('std') or IMAGENET_DEFAULT_STD), interpolation='bicubic',
+                crop_pct=saved.get('crop_pct') or 0.875, num_classes=num_classes,
+                label_names=tuple(class_names(num_classes, saved.get('classes'))) if num_classes else None)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading pretrained weights
 
@@ -360,9 +404,11 @@ class PickledCheckpoint(ValueError):
 
 
 def read_checkpoint(path, allow_pickle=False):
-    """A .pth / .pt / .bin / .safetensors file, or a Hugging Face model folder (model.safetensors or
-    pytorch_model.bin, with config.json) -> a dict. Pickled objects (the official checkpoints' yacs config) are
-    refused (PickledCheckpoint) unless allow_pickle: unpickling runs code from the file."""
+    """A .pth / .pt / .bin / .safetensors file, a Hugging Face model folder (model.safetensors or pytorch_model.bin,
+    with config.json) or a published name (PUBLISHED: downloaded once) -> a dict. Pickled objects (the official
+    checkpoints' yacs config) are refused (PickledCheckpoint) unless allow_pickle: unpickling runs the file's code."""
+    if not os.path.exists(path):
+        path = download(path)
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in ('model.safetensors', 'pytorch_model.bin')]
         found = [f for f in files if os.path.isfile(f)]
@@ -386,6 +432,78 @@ def read_checkpoint(path, allow_pickle=False):
         raise PickledCheckpoint(f"'{path}' holds pickled Python objects ({found[1]}), as official SimMIM "
                                 f"checkpoints store their config; loading them (allow_pickle=True) runs code from the "
                                 f"file") from None
+
+
+# Published SimMIM weights by name: mmpretrain's (the seed's tables; each file's name ends in the first 8 hex digits of
+# its SHA-256; paths relative to MMPRETRAIN) and transformers' on the Hugging Face hub. name -> (what it is, its files).
+MMPRETRAIN = 'https://download.openmmlab.com/mmselfsup/1.x/simmim/'
+_B100, _B800 = 'simmim_swin-base_8xb256-amp-coslr-100e_in1k-192', 'simmim_swin-base_16xb128-amp-coslr-800e_in1k-192'
+_L800 = 'simmim_swin-large_16xb128-amp-coslr-800e_in1k-192'
+_B100_FT, _B800_FT = 'swin-base_ft-8xb256-coslr-100e_in1k', 'swin-base_ft-8xb256-coslr-100e_in1k-224'
+_L800_FT = 'swin-large_ft-8xb256-coslr-ws14-100e_in1k-224'
+_HF = 'https://huggingface.co/microsoft/swin-base-simmim-window6-192/resolve/main/'
+PUBLISHED = {
+    'simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px': (
+        'Swin-B pretrained 100 epochs, 192px, window 6', f'{_B100}/{_B100}_20220829-0e15782d.pth'),
+    'simmim_swin-base-w6_16xb128-amp-coslr-800e_in1k-192px': (
+        'Swin-B pretrained 800 epochs, 192px, window 6', f'{_B800}/{_B800}_20220916-a0e931ac.pth'),
+    'simmim_swin-large-w12_16xb128-amp-coslr-800e_in1k-192px': (
+        'Swin-L pretrained 800 epochs, 192px, window 12', f'{_L800}/{_L800}_20220916-4ad216d3.pth'),
+    'swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px': (
+        'Swin-B ImageNet-1k classifier, 100-epoch pretraining, 192px: top-1 82.7',
+        f'{_B100}/{_B100_FT}/{_B100_FT}_20220829-9cf23aa1.pth'),
+    'swin-base-w6_simmim-800e-pre_8xb256-coslr-100e_in1k-192px': (
+        'Swin-B ImageNet-1k classifier, 800-epoch pretraining: top-1 83.8',
+        f'{_B800}/{_B800_FT}/{_B800_FT}_20221208-155cc6e6.pth'),
+    'swin-large-w14_simmim-800e-pre_8xb256-coslr-100e_in1k': (
+        'Swin-L ImageNet-1k classifier, 800-epoch pretraining, 224px, window 14: top-1 84.8',
+        f'{_L800}/{_L800_FT}/{_L800_FT}_20220916-d4865790.pth'),
+    'microsoft/swin-base-simmim-window6-192': (
+        'Swin-B pretrained 100 epochs, 192px, window 6 (transformers)', _HF + 'config.json', _HF + 'pytorch_model.bin'),
+}
+
+
+class DownloadError(OSError):
+    """A published checkpoint that could not be downloaded whole."""
+
+
+def download(name, progress=True):
+    """A published name -> its file (a folder for several files) in torch's hub cache, downloaded the first time.
+    Each file goes to a temporary name beside its place, is checked (the SHA-256 its name carries, else that it
+    loads), and only then takes its name: the cache holds whole files or none."""
+    if name not in PUBLISHED:
+        close = difflib.get_close_matches(name, PUBLISHED, n=3, cutoff=0.4)
+        raise FileNotFoundError(f"'{name}' does not exist, nor is it a published name" + (
+            f"; close ones: {', '.join(close)}" if close else " (models.PUBLISHED lists them)"))
+    urls = [url if '://' in url else MMPRETRAIN + url for url in PUBLISHED[name][1:]]
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    folder = os.path.join(folder, name.replace('/', '--')) if len(urls) > 1 else folder
+    for url in urls:
+        path = os.path.join(folder, url.rsplit('/', 1)[1])
+        if os.path.isfile(path):
+            continue
+        os.makedirs(folder, exist_ok=True)
+        digest = re.search(r'-([0-9a-f]{8})\.\w+$', url)
+        partial = os.path.join(folder, f'.{os.getpid()}.{os.path.basename(path)}')  # the extension kept for loading
+        try:
+            torch.hub.download_url_to_file(url, partial, digest and digest[1], progress)
+            if not digest:  # a cut connection goes unnoticed by the download: the file must load
+                with open(partial) as f:
+                    json.load(f) if path.endswith('.json') else read_checkpoint(partial)
+            os.replace(partial, path)
+        except Exception as e:
+            reason = str(getattr(e, 'reason', None) or e).splitlines()[0][:200]
+            if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
+                where = 'its files into one folder and pass the folder' if len(urls) > 1 else 'it and pass its path'
+                raise DownloadError(f"cannot download '{name}' from {url} ({reason}): where there is a network, "
+                                    f"download {where} instead") from None
+            what = f"its SHA-256 does not start with {digest[1]}" if 'invalid hash' in reason else reason
+            raise DownloadError(f"the download of '{name}' from {url} is not the published file ({what}): deleted; "
+                                f"try again, or download it yourself and pass its path") from None
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return folder if len(urls) > 1 else path
 
 
 def _shift_downsample(state):
@@ -456,7 +574,8 @@ def to_timm_layout(checkpoint):
 
 def infer_arch(state):
     """The scripts' architecture flags read off a state dict in timm's layout: model, embed_dim, depths, num_heads
-    (one number each for ViT), patch_size, in_chans, window_size (Swin), img_size (ViT), num_classes (classifiers)."""
+    (one number each for ViT), patch_size, in_chans, window_size (Swin), img_size (ViT's grid; Swin's from its
+    window), num_classes (classifiers)."""
     proj = state['patch_embed.proj.weight']
     arch = dict(embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[2])
     head = state.get('head.fc.weight', state.get('head.weight'))
@@ -483,7 +602,19 @@ def infer_arch(state):
     same = [n for n, c in MODELS.items() if c['family'] == family and c['embed_dim'] == arch['embed_dim']
             and c.get('depths', (c.get('depth'),)) == arch['depths']]
     arch['model'] = same[0] if same else next(n for n, c in MODELS.items() if c['family'] == family)
+    if 'window_size' in arch:  # the official sizes: window 6 / 12 at 192px, 7 / 14 at 224px
+        arch['img_size'] = arch['window_size'] * MODELS[arch['model']]['window_div']
     return arch
+
+
+def arch_kwargs(arch):
+    """Architecture fields as the scripts save them (model, window_size, patch_size, embed_dim, in_chans, drop_path,
+    depths, num_heads; absent or None: the model's) -> build_* keyword arguments."""
+    vit = MODELS[arch['model']]['family'] == VIT
+    stages = lambda v: v and (v[0] if vit else tuple(v))
+    return dict(window_size=arch.get('window_size'), patch_size=arch.get('patch_size'),
+                embed_dim=arch.get('embed_dim'), in_chans=arch.get('in_chans'), drop_path_rate=arch.get('drop_path'),
+                num_heads=stages(arch.get('num_heads')), **{'depth' if vit else 'depths': stages(arch.get('depths'))})
 
 
 def load_pretrained(model, checkpoint):
@@ -537,3 +668,31 @@ def load_pretrained(model, checkpoint):
                          f"{'; '.join(problems[:4])}): build the model with the architecture it was trained with")
     model.load_state_dict(state, strict=False)
     return dict(loaded=sorted(state), resized=resized, missing=missing, dropped=dropped, adapted=adapted)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Use from Python
+
+def load_model(checkpoint, allow_pickle=False):
+    """A checkpoint (a file, a Hugging Face folder or a published name) -> its model with its weights, in eval mode:
+    a classifier at its own size, or from pretraining weights the SimMIM model (extract_features reads its encoder,
+    reconstruct draws its pictures). model.pretrained_cfg: its preprocessing (see preprocessing) and 'intensity'."""
+    checkpoint = read_checkpoint(checkpoint, allow_pickle)
+    state = fold_probe_head(to_timm_layout(checkpoint)[0])
+    saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
+    arch = dict(infer_arch(state), **{k: v for k, v in saved.items() if v is not None})
+    family, kw = MODELS[arch['model']]['family'], arch_kwargs(arch)
+    if 'num_classes' in arch and any(k.startswith('head.') for k in state):
+        if family == VIT:  # mean pooling and a new norm (the official fine-tuning), or the final norm kept
+            kw['use_fc_norm'] = 'fc_norm.weight' in state
+        elif family == SWINV2:
+            kw['pretrained_window_sizes'] = arch.get('pretrained_window_sizes')
+        model = build_classifier(arch['model'], arch.get('img_size'), arch['num_classes'], **kw)
+    else:
+        model = build_simmim(arch['model'], arch.get('img_size'), arch.get('norm_target_window', 0), **kw)
+        arch['num_classes'] = 0
+    load_pretrained(model, state)
+    size = model.patch_embed.img_size if hasattr(model, 'patch_embed') else model.encoder.patch_embed.img_size
+    model.pretrained_cfg = dict(preprocessing(dict(arch, img_size=size[0]), arch['num_classes']),
+                                intensity=arch.get('intensity') or 'type')
+    return model.eval()

@@ -32,7 +32,8 @@ def get_args_parser():
     g.add_argument('--pretrained', default=None,
                    help='continue pretraining from these weights (any supported layout; the decoder too if present)')
     g = p.add_argument_group('masking')
-    g.add_argument('--mask-patch-size', type=engine.SIZE, default=32, help='side of a masked square, pixels')
+    g.add_argument('--mask-patch-size', type=engine.SIZE, default=None,
+                   help="side of a masked square, pixels (default 32; --reconstruct: the checkpoint's)")
     g.add_argument('--mask-ratio', type=float, default=0.6, help='fraction of masked squares')
     g.add_argument('--norm-target-window', type=engine.COUNT, default=0,
                    help='regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels')
@@ -44,6 +45,9 @@ def get_args_parser():
                                                              'X-rays, text)')
     g.add_argument('--stats', action='store_true', help='print the --mean and --std of the data (up to 1000 images '
                                                         'spread over it) and exit')
+    g.add_argument('--reconstruct', nargs='+', default=None, metavar='IMG',
+                   help='draw the reconstructions of these images (files or folders) by the --pretrained model into '
+                        'OUTPUT/reconstruction_N.png (8 a picture; the mask: --mask-ratio, --seed) and exit')
     engine.add_optim_args(p, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5)
     engine.add_run_args(p, output='output/simmim_pretrain', compile='auto')
     return p
@@ -75,7 +79,7 @@ def picture_batch(dataset, transform, mask_generator, device, n=8):
 
 
 def main(args):
-    engine.launch(stats if args.stats else pretrain, args)
+    engine.launch(stats if args.stats else reconstruct if args.reconstruct else pretrain, args)
 
 
 def stats(args, run):
@@ -90,18 +94,9 @@ def stats(args, run):
               f"--mean {' '.join(f'{v:.4f}' for v in mean)} --std {' '.join(f'{v:.4f}' for v in std)}")
 
 
-def pretrain(args, run):
-    resume, ckpt = engine.find_resume(args, run)
-    if ckpt and not ('optimizer' in ckpt and 'mask_ratio' in ckpt['args']):
-        raise SystemExit(f"error: '{resume}' is no pretrain.py checkpoint, so pretraining cannot resume from it; start "
-                         f"from its weights with --pretrained")
-    source = engine.load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained and not resume else None
-    if ckpt or source:  # a resumed run is the run it was: its model, architecture and normalisation
-        engine.inherit(args, (ckpt or source)['args'])
-    args.model = args.model or 'swin_base'
-    torch.manual_seed(args.seed + run.rank)
-
-    # model and data; the errors of bad input are one line
+def build_model(args, run, source=None):
+    """The SimMIM model of args, with the --pretrained weights (source) if any, its normalisation and mask generator."""
+    args.model, args.mask_patch_size = args.model or 'swin_base', args.mask_patch_size or 32
     try:
         model = models.build_simmim(args.model, args.img_size, args.norm_target_window, args.use_checkpoint,
                                     **engine.arch_overrides(args))
@@ -110,12 +105,66 @@ def pretrain(args, run):
             engine.load_pretrained(model, source, args.pretrained, run)
         normalize = engine.normalization(args)
         mask_generator = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
-        if (args.img_size // args.mask_patch_size) ** 2 < 16:  # the paper's: 36 (Swin) and 49 (ViT)
-            fits = [d for d in range(model.patch_size, args.img_size // 4 + 1, model.patch_size)
-                    if args.img_size % d == 0]
-            run.print(f"warning: {args.mask_patch_size}px mask squares cut {args.img_size}px images into only "
-                      f"{(args.img_size // args.mask_patch_size) ** 2} cells"
-                      + (f"; --mask-patch-size {fits[-1]} gives {(args.img_size // fits[-1]) ** 2}" if fits else ''))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if (args.img_size // args.mask_patch_size) ** 2 < 16:  # the paper's: 36 (Swin) and 49 (ViT)
+        fits = [d for d in range(model.patch_size, args.img_size // 4 + 1, model.patch_size) if args.img_size % d == 0]
+        run.print(f"warning: {args.mask_patch_size}px mask squares cut {args.img_size}px images into only "
+                  f"{(args.img_size // args.mask_patch_size) ** 2} cells"
+                  + (f"; --mask-patch-size {fits[-1]} gives {(args.img_size // fits[-1]) ** 2}" if fits else ''))
+    return model, normalize, mask_generator
+
+
+def reconstruct(args, run):
+    """--reconstruct: the training's pictures (original | masked | reconstruction | pasted) of these images, by the
+    --pretrained model at its own size, a mask of --mask-ratio drawn with --seed; 8 images a picture."""
+    if not args.pretrained:
+        raise SystemExit("error: --reconstruct draws with pretrained weights: pass --pretrained PATH (a checkpoint, "
+                         "a Hugging Face folder or a published name)")
+    source = engine.load_checkpoint(args.pretrained, args.allow_pickle)
+    if not any(k.endswith('decoder.0.weight') for k in models.to_timm_layout(source)[0]):
+        raise SystemExit(f"error: '{args.pretrained}' holds no SimMIM decoder (a classifier?): reconstructions need "
+                         f"pretraining weights")
+    engine.inherit(args, source['args'], engine.ARCH_FLAGS + ('img_size', 'window_size', 'mask_patch_size',
+                                                         'norm_target_window'))
+    model, normalize, mask_generator = build_model(args, run, source)
+    files = []
+    for path in args.reconstruct:
+        if not os.path.exists(path):
+            raise SystemExit(f"error: --reconstruct '{path}' does not exist")
+        try:
+            files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+    transform = data.eval_transform(args.img_size, normalize, crop_pct=1.0)
+    model.to(run.device)
+    os.makedirs(args.output, exist_ok=True)
+    for n, start in enumerate(range(0, len(files), 8)):
+        try:
+            images = torch.stack([transform(data.load_image(f, args.in_chans, args.intensity))
+                                  for f in files[start:start + 8]])
+        except data.UNREADABLE as e:
+            raise SystemExit(f"error: an image in {files[start:start + 8]} is unreadable ({e})") from None
+        with data.seeded(args.seed + start):
+            masks = torch.stack([mask_generator() for _ in images])
+        path = os.path.join(args.output, f'reconstruction_{n + 1}.png')
+        save_reconstructions(model, images.to(run.device), masks.to(run.device), normalize, path)
+        run.print(f"wrote {path}: images {start + 1}-{start + len(images)} of {len(files)}")
+
+
+def pretrain(args, run):
+    resume, ckpt = engine.find_resume(args, run)
+    if ckpt and not ('optimizer' in ckpt and 'mask_ratio' in ckpt['args']):
+        raise SystemExit(f"error: '{resume}' is no pretrain.py checkpoint, so pretraining cannot resume from it; start "
+                         f"from its weights with --pretrained")
+    source = engine.load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained and not resume else None
+    if ckpt or source:  # a resumed run is the run it was: its model, architecture and normalisation
+        engine.inherit(args, (ckpt or source)['args'])
+    torch.manual_seed(args.seed + run.rank)
+
+    # model and data; the errors of bad input are one line
+    model, normalize, mask_generator = build_model(args, run, source)
+    try:
         if args.data_path is None:
             args.data_path = DEMO_DATA
             run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")

@@ -1,6 +1,7 @@
 """Tests on CPU with tiny models and generated images: python -m pytest -q test_smoke.py"""
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -738,11 +739,15 @@ def test_linear_probe_trains_only_the_head(finetuned, tmp_path, capsys):
         '--amp', 'off', '--output', str(tmp_path / 'lp')]))
     pre = torch.load(finetuned / 'pre' / 'checkpoint.pth', weights_only=True)['model']
     probe = torch.load(tmp_path / 'lp' / 'checkpoint.pth', weights_only=True)
-    assert probe['args']['linear_probe'] and probe['args']['mixup'] == 0
+    assert probe['args']['linear_probe'] and probe['args']['mixup'] == 0 and probe['args']['weight_decay'] == 0
+    assert probe['args']['epochs'] == 1 and probe['args']['base_lr'] == 1.0  # flags given win, the rest the recipe's
+    assert probe['optimizer']['param_groups'][0]['momentum'] == 0.9  # SGD
     key = 'layers.2.blocks.0.mlp.fc1.weight'
     assert torch.equal(probe['model'][key], pre['encoder.' + key])
     assert 'head.fc.0.running_mean' in probe['model']  # the BatchNorm
-    assert 'swin_tiny: 130 trainable parameters' in capsys.readouterr().out  # Linear(64, 2)
+    out = capsys.readouterr().out
+    assert 'swin_tiny: 130 trainable parameters' in out  # Linear(64, 2)
+    assert 'linear probe: SGD (momentum 0.9), --base-lr 1.0, --warmup-lr 0.0' in out
     finetune.main(finetune.get_args_parser().parse_args([  # in timm: the BatchNorm folded into a plain linear head
         '--resume', str(tmp_path / 'lp' / 'checkpoint.pth'), '--export', str(tmp_path / 'lp.pth')]))
     import timm  # noqa: F401 (the printed command uses it)
@@ -752,6 +757,29 @@ def test_linear_probe_trains_only_the_head(finetuned, tmp_path, capsys):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_vit_probe_reads_an_intermediate_block(finetuned, tmp_path, capsys):
+    common = ['--data-path', str(finetuned / 'data'), '--num-workers', '0', '--amp', 'off', '--batch-size', '4']
+    finetune.main(finetune.get_args_parser().parse_args(common + [
+        '--pretrained', os.path.join(FIXTURES, 'ms_simmim_vit.pth'), '--linear-probe', '--probe-block', '1',
+        '--epochs', '1', '--warmup-epochs', '0', '--output', str(tmp_path / 'lp')]))
+    probe = torch.load(tmp_path / 'lp' / 'checkpoint.pth', weights_only=True)
+    assert probe['args']['depths'] == [1] and not any(k.startswith('blocks.1.') for k in probe['model'])
+    model = models.load_model(str(tmp_path / 'lp' / 'checkpoint.pth'))  # the BatchNorm folded into the head
+    pre = models.to_timm_layout(models.read_checkpoint(os.path.join(FIXTURES, 'ms_simmim_vit.pth')))[0]
+    assert len(model.blocks) == 1 and torch.equal(model.blocks[0].mlp.fc1.weight, pre['blocks.0.mlp.fc1.weight'])
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = model.blocks[0](torch.cat([model.cls_token.expand(2, -1, -1), model.patch_embed(x)], 1))
+        expected = model.head(model.fc_norm(tokens[:, 1:].mean(1)))  # block 1's patch tokens, mean-pooled
+        torch.testing.assert_close(model(x), expected)
+    finetune.main(finetune.get_args_parser().parse_args(common + ['--eval', '--resume',
+                                                                  str(tmp_path / 'lp' / 'checkpoint.pth')]))
+    assert 'on 6 images' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='--probe-block is for --linear-probe of ViT models'):
+        finetune.main(finetune.get_args_parser().parse_args(common + [
+            '--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--linear-probe', '--probe-block', '1']))
 
 
 def test_finetune_bad_input_is_one_line(finetuned, tmp_path):
@@ -823,7 +851,7 @@ def test_every_pretraining_layout_reproduces_the_official_outputs(source, layout
     checkpoint = models.read_checkpoint(path)
     state, found = models.to_timm_layout(checkpoint)
     assert found == layout
-    assert models.infer_arch(state) == dict(model='swin_tiny', window_size=6, patch_size=4, in_chans=3,
+    assert models.infer_arch(state) == dict(model='swin_tiny', window_size=6, img_size=192, patch_size=4, in_chans=3,
                                             **TINY_FIXTURE_SWIN)
     model = models.build_simmim('swin_tiny', **TINY_FIXTURE_SWIN).eval()
     report = models.load_pretrained(model, checkpoint)
@@ -835,7 +863,7 @@ def test_every_pretraining_layout_reproduces_the_official_outputs(source, layout
 def test_every_classifier_layout_reproduces_the_official_logits(source):
     checkpoint = models.read_checkpoint(os.path.join(FIXTURES, source))
     arch = models.infer_arch(models.to_timm_layout(checkpoint)[0])
-    assert arch['num_classes'] == 10 and arch['window_size'] == 7
+    assert arch['num_classes'] == 10 and arch['window_size'] == 7 and arch['img_size'] == 224
     model = models.build_classifier('swin_tiny', num_classes=10, **TINY_FIXTURE_SWIN).eval()
     report = models.load_pretrained(model, checkpoint)
     assert report['missing'] == [] and report['dropped'] == []
@@ -1464,7 +1492,7 @@ def test_plausible_mistakes_are_one_line_errors(tmp_path):
     cases = [
         (pretrain, tiny + ['--device', 'gpu'], "--device 'gpu': use cuda, cuda:N or cpu"),
         (pretrain, tiny + ['--depths', '1', '1', '1', '1', '--num-heads', '1', '1'], '4 stages .* need as many head'),
-        (pretrain, tiny + ['--pretrained', str(tmp_path / 'nowhere.pth')], "checkpoint '.*nowhere.pth' does not exist"),
+        (pretrain, tiny + ['--pretrained', str(tmp_path / 'nowhere.pth')], "'.*nowhere.pth' does not exist, nor is it a published name"),
         (pretrain, tiny + ['--pretrained', str(tmp_path / 'list.pth')], "holds a list, not a checkpoint"),
         (finetune, tiny + ['--data-path', str(tmp_path / 'data')], "images outside the class folders .e.g. .*img0.png"),
         (finetune, ['--predict', str(tmp_path / 'empty'), '--resume',
@@ -1633,3 +1661,148 @@ def test_best_checkpoint_breaks_top1_ties_by_the_lower_loss(finetuned, tmp_path,
         '--reprob', '0', '--num-workers', '0', '--amp', 'off', '--output', str(tmp_path / 'ft')]))
     best = torch.load(tmp_path / 'ft' / 'best.pth', weights_only=True)
     assert best['epoch'] == 1 and best['best_loss'] == .8 and best['max_accuracy'] == 50.
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Published weights by name (served from 127.0.0.1), use from Python, reconstructions
+
+class Hub:
+    """Files over HTTP on 127.0.0.1, counting the requests; /cut/PATH sends half of PATH's bytes, then hangs up."""
+
+    def __init__(self, files):
+        import http.server
+        import threading
+        hub = self
+        self.files, self.requests = files, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub.requests.append(self.path)
+                body = hub.files.get(self.path.removeprefix('/cut'))
+                if body is None:
+                    return self.send_error(404)
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if self.path.startswith('/cut/') else body)
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.server.server_address[1]}'
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A 1000-class tiny classifier (its name carries its SHA-256) and the Hugging Face fixture, served locally, with
+    their names in models.PUBLISHED and torch's hub cache in tmp_path."""
+    import hashlib
+    model = models.build_classifier('swin_tiny', num_classes=1000, **TINY_FIXTURE_SWIN)
+    buffer = io.BytesIO()
+    torch.save(dict(state_dict=model.state_dict()), buffer)
+    body = buffer.getvalue()
+    digest = hashlib.sha256(body).hexdigest()[:8]
+    hf = os.path.join(FIXTURES, 'hf_simmim_swin')
+    server = Hub({f'/in1k-{digest}.pth': body, f'/in1k-{digest[::-1]}.pth': body,
+                  **{f'/hf/{f}': open(os.path.join(hf, f), 'rb').read() for f in os.listdir(hf)}})
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setattr(models, 'PUBLISHED', {
+        'tiny-in1k': ('a tiny ImageNet classifier', f'{server.url}/in1k-{digest}.pth'),
+        'tiny-in1k-wrong-hash': ('its name has another hash', f'{server.url}/in1k-{digest[::-1]}.pth'),
+        'tiny-in1k-cut': ('the connection drops halfway', f'{server.url}/cut/in1k-{digest}.pth'),
+        'org/tiny-simmim': ('Hugging Face files', f'{server.url}/hf/config.json', f'{server.url}/hf/pytorch_model.bin'),
+        'org/tiny-simmim-cut': ('the weights cut', f'{server.url}/hf/config.json',
+                                f'{server.url}/cut/hf/pytorch_model.bin'),
+        'offline': ('nothing listens there', 'http://127.0.0.1:9/offline-0123abcd.pth'),
+    })
+    server.cache = tmp_path / 'torch' / 'hub' / 'checkpoints'
+    yield server
+    server.close()
+
+
+def cached_files(hub):
+    return sorted(os.path.relpath(os.path.join(d, f), hub.cache) for d, _, fs in os.walk(hub.cache) for f in fs)
+
+
+def test_a_published_name_downloads_once_and_predicts_with_imagenet_names(hub, tmp_path, capsys):
+    image = tmp_path / 'bird.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(image)
+    imagenet = set(models.class_names(1000))
+    for _ in range(2):  # the second run reads the cache
+        finetune.main(finetune.get_args_parser().parse_args([
+            '--predict', str(image), '--resume', 'tiny-in1k', '--amp', 'off', '--output', str(tmp_path / 'out')]))
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(str(image)))
+        guesses = re.findall(r'([^,:]+) (\d+\.\d)%', line.split(': ', 1)[1])
+        assert len(guesses) == 5 and all(name.strip() in imagenet for name, _ in guesses), line
+    assert hub.requests == [models.PUBLISHED['tiny-in1k'][1][len(hub.url):]]  # one download
+    assert cached_files(hub) == [os.path.basename(models.PUBLISHED['tiny-in1k'][1])]
+    assert models.class_names(1000)[1] == 'goldfish'
+
+
+def test_a_hugging_face_name_downloads_its_folder(hub):
+    checkpoint = models.read_checkpoint('org/tiny-simmim')
+    expected = models.read_checkpoint(os.path.join(FIXTURES, 'hf_simmim_swin'))
+    assert checkpoint['hf_config'] == expected['hf_config']
+    assert all(torch.equal(checkpoint['model'][k], v) for k, v in expected['model'].items())
+    assert cached_files(hub) == ['org--tiny-simmim/config.json', 'org--tiny-simmim/pytorch_model.bin']
+
+
+@pytest.mark.parametrize('name, message', [
+    ('tiny-in1k-wrong-hash', r"is not the published file \(its SHA-256 does not start with \w{8}\): deleted"),
+    ('tiny-in1k-cut', r"is not the published file \(its SHA-256 does not start with \w{8}\): deleted"),
+    ('org/tiny-simmim-cut', r"cut/hf/pytorch_model.bin is not the published file \(.*\): deleted"),
+    ('offline', r"cannot download 'offline' from http://127.0.0.1:9/offline-0123abcd.pth \(.*\): where there is a "
+                r"network, download it and pass its path instead"),
+    ('tiny-in1', r"'tiny-in1' does not exist, nor is it a published name; close ones: tiny-in1k"),
+])
+def test_failed_downloads_are_one_line_and_leave_nothing_to_trust(hub, name, message):
+    with pytest.raises(SystemExit) as e:
+        engine.load_checkpoint(name)
+    assert re.fullmatch('error: .*' + message + '.*', str(e.value)) and '\n' not in str(e.value), str(e.value)
+    assert cached_files(hub) in ([], ['org--tiny-simmim-cut/config.json'])  # whole files only
+
+
+def test_load_model_and_classify_give_the_official_outputs(tmp_path):
+    """The Python use: a classifier of any layout, or pretraining weights as the SimMIM model."""
+    classifier = models.load_model(os.path.join(FIXTURES, 'mm_finetune_swin_w7_224.pth'))
+    io_ = fixture('ms_finetune_swin_w7_224_io.pt')
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(io_['x']), io_['logits'], atol=1e-5, rtol=1e-5)
+    assert classifier.pretrained_cfg['input_size'] == (3, 224, 224)
+    assert classifier.pretrained_cfg['label_names'][:2] == ('class 0', 'class 1')
+    simmim = models.load_model(os.path.join(FIXTURES, 'hf_simmim_swin'))
+    assert isinstance(simmim, models.SimMIM) and simmim.pretrained_cfg['input_size'] == (3, 192, 192)
+    assert_reproduces(simmim, fixture('ms_simmim_swin_io.pt'))
+    pooled, fmap = models.extract_features(simmim, torch.randn(1, 3, 192, 192))
+    assert pooled.shape == (1, 32) and fmap.shape == (1, 32, 6, 6)
+    image = tmp_path / 'x.png'
+    Image.fromarray(np.full((50, 60, 3), 128, np.uint8)).save(image)
+    (name, p), *rest = finetune.classify(classifier, str(image))
+    x = data.eval_transform(224, data.normalization(3))(data.load_image(str(image)))
+    with torch.no_grad():
+        probs = classifier(x[None]).softmax(1)[0]
+    assert name == f'class {probs.argmax()}' and p == pytest.approx(probs.max().item()) and len(rest) == 4
+
+
+@pytest.mark.parametrize('source, size', [('ms_simmim_swin.pth', 192), ('ms_simmim_vit.pth', 224)])
+def test_reconstruct_draws_the_training_picture_for_any_checkpoint(source, size, tmp_path, capsys):
+    write_images(tmp_path / 'imgs', 3)
+    args = ['--reconstruct', str(tmp_path / 'imgs'), '--pretrained', os.path.join(FIXTURES, source), '--output',
+            str(tmp_path / 'out'), '--mask-ratio', '0.5', '--device', 'cpu']
+    pretrain.main(pretrain.get_args_parser().parse_args(args))
+    with Image.open(tmp_path / 'out' / 'reconstruction_1.png') as picture:  # 3 rows of 4 images, 2px apart
+        assert picture.size == (4 * (size + 2) + 2, 3 * (size + 2) + 2)
+        first = np.asarray(picture)
+    pretrain.main(pretrain.get_args_parser().parse_args(args + ['--seed', '1']))
+    with Image.open(tmp_path / 'out' / 'reconstruction_1.png') as picture:
+        assert not np.array_equal(np.asarray(picture), first)  # another mask
+    assert 'images 1-3 of 3' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='holds no SimMIM decoder'):
+        pretrain.main(pretrain.get_args_parser().parse_args(
+            args[:2] + ['--pretrained', os.path.join(FIXTURES, 'ms_finetune_swin_w7_224.pth')]))
