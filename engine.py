@@ -139,7 +139,8 @@ def add_run_args(p, output, compile):
                    help='torch.compile the training forward and backward (the first step compiles for a minute or '
                         'two); auto = on GPUs, where it was measured faster; off = eager')
     g.add_argument('--output', default=output, help='folder for checkpoints, logs and pictures')
-    g.add_argument('--resume', default=None, help='checkpoint to resume from (default: OUTPUT/checkpoint.pth if any)')
+    g.add_argument('--resume', default=None,
+                   help='checkpoint to resume (default: OUTPUT/checkpoint.pth if any); to use, also a published name')
     g.add_argument('--accept-changes', action='store_true',
                    help="resume although optimization flags differ from the checkpoint's (e.g. more --epochs): the "
                         "schedule from the resumed step on is the new one")

@@ -60,7 +60,9 @@ def at_most_one(text):
 def get_args_parser():
     p = argparse.ArgumentParser('SimMIM fine-tuning', formatter_class=engine.HelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--pretrained', default=None, help='SimMIM pretraining checkpoint to start from')
+    g.add_argument('--pretrained', default=None,
+                   help='SimMIM pretraining checkpoint to start from: a file, a Hugging Face folder or a published '
+                        'name (README)')
     g.add_argument('--model', default=None, choices=list(models.MODELS),
                    help="encoder (default: the checkpoint's, else swin_base)")
     g.add_argument('--img-size', type=engine.SIZE, default=None, help='input size in pixels (default 224)')
@@ -427,8 +429,8 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.print(f"{args.model}: {trainable:,} trainable parameters, {args.img_size}px, {args.num_classes} classes; "
               f"{len(train_set):,} training and {len(val_loader.dataset):,} validation images in {args.data_path}")
-    run.print(f"{schedule}; layer decay {args.layer_decay}; amp {trainer.amp}; device {run.device}"
-              + ('; linear probe' if args.linear_probe else ''))
+    run.print(f"{schedule}; amp {trainer.amp}; device {run.device}; "
+              + ('linear probe' if args.linear_probe else f'layer decay {args.layer_decay}'))
     start_epoch, start_step, best, best_loss = 0, 0, 0., math.inf
     if resume_state:
         engine.check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth',

@@ -467,7 +467,7 @@ class DownloadError(OSError):
     """A published checkpoint that could not be downloaded whole."""
 
 
-def download(name, progress=True):
+def download(name, progress=os.environ.get('RANK', '0') == '0'):
     """A published name -> its file (a folder for several files) in torch's hub cache, downloaded the first time.
     Each file goes to a temporary name beside its place, is checked (the SHA-256 its name carries, else that it
     loads), and only then takes its name: the cache holds whole files or none."""
@@ -496,7 +496,8 @@ def download(name, progress=True):
             if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
                 where = 'its files into one folder and pass the folder' if len(urls) > 1 else 'it and pass its path'
                 raise DownloadError(f"cannot download '{name}' from {url} ({reason}): where there is a network, "
-                                    f"download {where} instead") from None
+                                    f"download {where} instead (or put it in {folder}, where the name finds it)"
+                                    ) from None
             what = f"its SHA-256 does not start with {digest[1]}" if 'invalid hash' in reason else reason
             raise DownloadError(f"the download of '{name}' from {url} is not the published file ({what}): deleted; "
                                 f"try again, or download it yourself and pass its path") from None

@@ -30,7 +30,8 @@ def get_args_parser():
                    help='input size in pixels (default: 192 Swin, 224 ViT)')
     engine.add_arch_args(g)
     g.add_argument('--pretrained', default=None,
-                   help='continue pretraining from these weights (any supported layout; the decoder too if present)')
+                   help='continue pretraining from (or --reconstruct with) these weights: a file of any supported '
+                        'layout, a Hugging Face folder or a published name (README); the decoder too if present')
     g = p.add_argument_group('masking')
     g.add_argument('--mask-patch-size', type=engine.SIZE, default=None,
                    help="side of a masked square, pixels (default 32; --reconstruct: the checkpoint's)")
