@@ -40,9 +40,9 @@ TIMM_NAMES = {'swin_tiny': 'swin_tiny_patch4_window7_224', 'swin_small': 'swin_s
               'swinv2_base': 'swinv2_base_window8_256', 'swinv2_large': 'swinv2_large_window12_192',
               'vit_small': 'beit_base_patch16_224', 'vit_base': 'beit_base_patch16_224',
               'vit_large': 'beit_large_patch16_224'}
-# A linear probe's recipe (MAE's main_linprobe.py: 90 epochs, 10 warmup, BatchNorm + linear, no weight decay, mixup
-# or RandAugment; with SGD, as LARS barely moves the head at the batches of one GPU: README) for the flags left at
-# their fine-tuning defaults. lr 1.0 per 512 images
+# A linear probe's recipe for the flags left at their fine-tuning defaults: MAE's main_linprobe.py (90 epochs, 10
+# warmup, BatchNorm + linear, no weight decay, mixup or RandAugment), but SGD at lr 1.0 per 512 images for its LARS,
+# which barely moves the head at one GPU's batches (README)
 PROBE_DEFAULTS = dict(epochs=90, warmup_epochs=10, base_lr=1.0, warmup_lr=0., min_lr=0., weight_decay=0., clip_grad=0.,
                       mixup=0., cutmix=0., smoothing=0., reprob=0., aa='', color_jitter=0., drop_path=0.)
 # Besides engine.TRAJECTORY_FLAGS, what a resumed fine-tuning must keep
@@ -378,7 +378,9 @@ def start(args, run):
         if (args.eval or args.predict) and any(k.startswith('head.') for k in report['missing']):
             raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it first "
                              f"(--pretrained {resume}), then --eval or --predict with the result")
-    if args.probe_block and len(model.blocks) > args.probe_block:  # the blocks past it go; the checkpoints say so
+    if args.probe_block and len(model.blocks) != args.probe_block:  # the blocks past it go; the checkpoints say so
+        if args.probe_block > len(model.blocks):
+            raise SystemExit(f"error: --probe-block {args.probe_block}, but the model has {len(model.blocks)} blocks")
         del model.blocks[args.probe_block:]
         args.depths = [args.probe_block]
     if args.export:
