@@ -578,11 +578,10 @@ def load_checkpoint(path, allow_pickle=False):
         raise CorruptCheckpoint(f"error: checkpoint '{path}' is corrupted: its contents do not match the checksum "
                                 f"saved with them (a bad copy or failing storage); resume from an earlier one "
                                 f"(--resume OUTPUT/ckpt_epoch_N.pth)")
-    if not isinstance(checkpoint.get('args'), dict):
-        try:
-            checkpoint['args'] = models.infer_arch(models.to_timm_layout(checkpoint)[0])
-        except (KeyError, ValueError) as e:
-            raise SystemExit(f"error: '{path}' is not a Swin, SwinV2 or ViT checkpoint that this code knows ({e})")
+    try:
+        checkpoint['args'] = models.checkpoint_args(checkpoint)
+    except ValueError as e:
+        raise SystemExit(f"error: '{path}' is {e}") from None
     return checkpoint
 
 

@@ -40,9 +40,12 @@ TIMM_NAMES = {'swin_tiny': 'swin_tiny_patch4_window7_224', 'swin_small': 'swin_s
               'swinv2_base': 'swinv2_base_window8_256', 'swinv2_large': 'swinv2_large_window12_192',
               'vit_small': 'beit_base_patch16_224', 'vit_base': 'beit_base_patch16_224',
               'vit_large': 'beit_large_patch16_224'}
-# A linear probe's recipe for the flags left at their fine-tuning defaults: MAE's main_linprobe.py (90 epochs, 10
-# warmup, BatchNorm + linear, no weight decay, mixup or RandAugment), but SGD at lr 1.0 per 512 images for its LARS,
-# which barely moves the head at one GPU's batches (README)
+# The recipes for the flags left unset: the official fine-tuning's, and a linear probe's: MAE's main_linprobe.py (90
+# epochs, 10 warmup, BatchNorm + linear, no weight decay, mixup or RandAugment) but SGD at lr 1.0 per 512 images for
+# its LARS, which barely moves the head at one GPU's batches (README)
+FINETUNE_DEFAULTS = dict(epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7,
+                         weight_decay=0.05, clip_grad=5.0, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25,
+                         aa='rand-m9-mstd0.5-inc1', color_jitter=0.4, drop_path=None)
 PROBE_DEFAULTS = dict(epochs=90, warmup_epochs=10, base_lr=1.0, warmup_lr=0., min_lr=0., weight_decay=0., clip_grad=0.,
                       mixup=0., cutmix=0., smoothing=0., reprob=0., aa='', color_jitter=0., drop_path=0.)
 # Besides engine.TRAJECTORY_FLAGS, what a resumed fine-tuning must keep
@@ -108,6 +111,11 @@ def get_args_parser():
                    help="write the --pretrained encoder (at --img-size) or the --resume classifier as a timm state "
                         "dict and print the timm.create_model call that loads it")
     p.set_defaults(pretrained_window_sizes=None, classes=None)  # taken from the checkpoint
+    p.set_defaults(**dict.fromkeys(PROBE_DEFAULTS))  # the recipe's, set in start()
+    for action in p._actions:
+        if action.dest in PROBE_DEFAULTS:
+            shown = f'default {FINETUNE_DEFAULTS[action.dest]}; ' if action.dest != 'drop_path' else ''
+            action.help = f"{action.help or ''} ({shown}--linear-probe: {PROBE_DEFAULTS[action.dest]!r})".strip()
     return p
 
 
@@ -268,6 +276,9 @@ def classify(model, image, k=5, autocast=contextlib.nullcontext()):
     """One image file -> its top-k [(class name, probability)], preprocessed by model.pretrained_cfg (a model of
     models.load_model, or of this script)."""
     cfg = model.pretrained_cfg
+    if not cfg.get('label_names'):
+        raise ValueError("classify needs a classifier; these are pretraining weights (models.extract_features reads "
+                         "their features)")
     chans, size = cfg['input_size'][:2]
     transform = data.eval_transform(size, data.normalization(chans, cfg['mean'], cfg['std']), cfg['crop_pct'])
     x = transform(data.load_image(image, chans, cfg['intensity']))[None].to(next(model.parameters()).device)
@@ -310,7 +321,8 @@ def export(model, args, run):
     state = models.fold_probe_head(model.state_dict())
     cfg = models.preprocessing(vars(args), args.num_classes)
     if run.main:
-        engine.save_atomic(lambda f: torch.save(dict(state_dict=state, pretrained_cfg=cfg), f), args.export)
+        engine.save_atomic(lambda f: torch.save(dict(state_dict=state, pretrained_cfg=cfg, intensity=args.intensity),
+                                                f), args.export)
         _, kw = models.model_kwargs(args.model, args.img_size, False, **classifier_overrides(args))
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items() if k not in ('drop_path_rate',
                                                                                               'init_values')}
@@ -331,10 +343,16 @@ def start(args, run):
     """Load the model, then predict, measure, export, evaluate or fine-tune."""
     resume, source = engine.find_resume(args, run)
     source = source or (engine.load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained else None)
-    ours = bool(resume) and 'classes' in source['args']  # a finetune.py checkpoint, which can continue training
+    ours = bool(resume) and 'max_accuracy' in source  # a finetune.py checkpoint, which can continue training
     use = args.eval or args.predict or args.throughput or args.export
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
+    if (args.eval or args.predict) and not any(k.startswith('head.') for k in models.to_timm_layout(source)[0]):
+        raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it first "
+                         f"(--pretrained {resume}), then --eval or --predict with the result")
+    if args.export and args.linear_probe and not resume:
+        raise SystemExit("error: --export writes a trained model: export the probe's checkpoint (--resume PATH), or "
+                         "the encoder without --linear-probe")
     if args.predict_csv and not args.predict:
         raise SystemExit("error: --predict-csv writes the predictions of --predict IMG ...: pass both")
     if resume and not ours and not use:
@@ -350,12 +368,12 @@ def start(args, run):
     if saved and models.MODELS[args.model]['family'] == models.SWINV2:
         args.pretrained_window_sizes = args.pretrained_window_sizes or saved.get('pretrained_window_sizes') \
             or pretrained_windows(saved)
-    if args.linear_probe:  # the probe's recipe for the flags left at their fine-tuning defaults
-        defaults = get_args_parser()
-        probe = {k: v for k, v in PROBE_DEFAULTS.items() if getattr(args, k) == defaults.get_default(k)}
-        vars(args).update(probe)
+    unset = {k: v for k, v in (PROBE_DEFAULTS if args.linear_probe else FINETUNE_DEFAULTS).items()
+             if getattr(args, k) is None}
+    vars(args).update(unset)
+    if args.linear_probe and not use:
         run.print("linear probe: SGD (momentum 0.9), " + ', '.join(f"--{k.replace('_', '-')} {v!r}"
-                                                                  for k, v in probe.items()))
+                                                                  for k, v in unset.items()))
     if args.probe_block and not (args.linear_probe and models.MODELS[args.model]['family'] == models.VIT):
         raise SystemExit("error: --probe-block is for --linear-probe of ViT models (a Swin probe reads the last stage)")
     normalize = engine.normalization(args)
@@ -365,19 +383,21 @@ def start(args, run):
         datasets = load_data(args, normalize) if not (args.predict or args.throughput or args.export) else {}
         if args.num_classes is None:  # no data: a throughput model has ImageNet's classes, an exported encoder none
             args.num_classes = 1000 if args.throughput else 0
+        torch.manual_seed(args.seed)  # the new head's initialisation
         model = build_model(args)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.eval and not saved.get('classes') and len(args.classes) != args.num_classes:
+        run.print(f"warning: '{resume}' names no classes: its outputs 0-{len(args.classes) - 1} are taken for the "
+                  f"{len(args.classes)} class folders in sorted order, of its {args.num_classes}")
     if ours:  # the model and the data it was trained on; one line naming a change
-        engine.check_resume_flags(run, args, saved, resume, engine.SHAPE_FLAGS + ('mean', 'std', 'intensity'))
+        engine.check_resume_flags(run, args, saved, resume, engine.SHAPE_FLAGS + ('mean', 'std', 'intensity',
+                                                                                  'probe_block'))
         engine.load_model_state(model, source['model'], resume)
         run.print(f"loaded {resume} (epoch {source.get('epoch')}"
                   + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))
     elif source:
-        report = engine.load_pretrained(model, source, resume or args.pretrained, run)
-        if (args.eval or args.predict) and any(k.startswith('head.') for k in report['missing']):
-            raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it first "
-                             f"(--pretrained {resume}), then --eval or --predict with the result")
+        engine.load_pretrained(model, source, resume or args.pretrained, run)
     if args.probe_block and len(model.blocks) != args.probe_block:  # the blocks past it go; the checkpoints say so
         if args.probe_block > len(model.blocks):
             raise SystemExit(f"error: --probe-block {args.probe_block}, but the model has {len(model.blocks)} blocks")

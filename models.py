@@ -197,26 +197,34 @@ class SimMIM(nn.Module):
         )
 
     def reconstruct(self, x, mask):
-        """x (B, in_chans, H, W), mask (B, H/p, W/p) -> predicted pixels (B, in_chans, H, W) everywhere."""
-        return self.decoder(self.encoder(x, mask))
+        """x (B, in_chans, H, W), mask (B, H/p, W/p) -> predicted pixels (B, in_chans, H, W) everywhere, in x's
+        normalisation (a model regressing locally normalised pixels: mapped back with x's local mean and std)."""
+        out = self.decoder(self.encoder(x, mask))
+        if not self.norm_target_window:
+            return out
+        mean, std = local_stats(x.float(), self.norm_target_window)
+        return out.float() * std + mean
 
     def forward(self, x, mask):
         """-> the scalar loss, computed in float32."""
-        x_rec = self.reconstruct(x, mask).float()
+        x_rec = self.decoder(self.encoder(x, mask)).float()
         x = x.float()
         m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2).unsqueeze(1).type_as(x)
-        target = local_normalize(x, self.norm_target_window) if self.norm_target_window else x
-        return ((target - x_rec).abs() * m).sum() / (m.sum() + 1e-5) / self.in_chans
+        if self.norm_target_window:
+            mean, std = local_stats(x, self.norm_target_window)
+            x = (x - mean) / std
+        return ((x - x_rec).abs() * m).sum() / (m.sum() + 1e-5) / self.in_chans
 
 
-def local_normalize(x, window):
-    """Normalise each pixel by the mean and unbiased std of the window x window neighbourhood inside the image."""
+def local_stats(x, window):
+    """The mean and unbiased std (+ 1e-6 in the variance) of each pixel's window x window neighbourhood inside the
+    image: the target normalisation of norm_target_window."""
     pool = dict(kernel_size=window, stride=1, padding=window // 2)
     mean = F.avg_pool2d(x, count_include_pad=False, **pool)
     mean_sq = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
     count = F.avg_pool2d(torch.ones_like(x[:, :1]), count_include_pad=True, **pool) * window ** 2
     var = ((mean_sq - mean ** 2) * count / (count - 1)).clamp(min=0)
-    return (x - mean) / (var + 1e-6) ** 0.5
+    return mean, (var + 1e-6) ** 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,12 +343,31 @@ def class_names(num_classes, names=None):
 
 def preprocessing(saved, num_classes):
     """timm's pretrained_cfg of a model saved with these fields (img_size, in_chans, mean, std, crop_pct, classes;
-    mean and std by default ImageNet's)."""
+    mean and std by default ImageNet's, their channel average for 1 channel)."""
     chans, size = saved.get('in_chans') or 3, saved['img_size']
-    return dict(input_size=(chans, size, size), mean=tuple(saved.get('mean') or IMAGENET_DEFAULT_MEAN),
-                std=tuple(saved.get('std') or IMAGENET_DEFAULT_STD), interpolation='bicubic',
-                crop_pct=saved.get('crop_pct') or 0.875, num_classes=num_classes,
+    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if chans == 3 else \
+        ((sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,))
+    return dict(input_size=(chans, size, size), mean=tuple(saved.get('mean') or mean),
+                std=tuple(saved.get('std') or std), interpolation='bicubic', crop_pct=saved.get('crop_pct') or 0.875,
+                num_classes=num_classes,
                 label_names=tuple(class_names(num_classes, saved.get('classes'))) if num_classes else None)
+
+
+def checkpoint_args(checkpoint):
+    """The scripts' flags of a checkpoint (read_checkpoint's dict): its saved 'args' (ours), else read off its weights
+    and the pretrained_cfg of an export (size, mean, std, crop, class names; with our 'intensity')."""
+    if isinstance(checkpoint.get('args'), dict):
+        return checkpoint['args']
+    try:
+        arch = infer_arch(to_timm_layout(checkpoint)[0])
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ValueError(f"not a Swin, SwinV2 or ViT checkpoint that this code knows (no {e})") from None
+    cfg = checkpoint.get('pretrained_cfg')
+    if isinstance(cfg, dict) and 'input_size' in cfg:
+        arch.update(in_chans=cfg['input_size'][0], img_size=cfg['input_size'][-1], mean=list(cfg['mean']),
+                    std=list(cfg['std']), crop_pct=cfg.get('crop_pct'), intensity=checkpoint.get('intensity'),
+                    classes=list(cfg['label_names']) if cfg.get('label_names') else None)
+    return arch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -408,7 +435,14 @@ def read_checkpoint(path, allow_pickle=False):
     with config.json) or a published name (PUBLISHED: downloaded once) -> a dict. Pickled objects (the official
     checkpoints' yacs config) are refused (PickledCheckpoint) unless allow_pickle: unpickling runs the file's code."""
     if not os.path.exists(path):
-        path = download(path)
+        cached = download(path)
+        try:
+            return read_checkpoint(cached, allow_pickle)
+        except PickledCheckpoint:
+            raise
+        except Exception as e:
+            raise DownloadError(f"the downloaded '{path}' in {cached} cannot be read ({_first_line(e)}): delete it to "
+                                f"download it again") from None
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in ('model.safetensors', 'pytorch_model.bin')]
         found = [f for f in files if os.path.isfile(f)]
@@ -464,7 +498,12 @@ PUBLISHED = {
 
 
 class DownloadError(OSError):
-    """A published checkpoint that could not be downloaded whole."""
+    """A published checkpoint that could not be downloaded whole, or read once downloaded."""
+
+
+def _first_line(error):
+    """An error's text, up to its first line end or sentence end, at most 200 characters."""
+    return re.split(r'\n|(?<=\w)\. ', str(error))[0][:200]
 
 
 def download(name, progress=os.environ.get('RANK', '0') == '0'):
@@ -482,25 +521,30 @@ def download(name, progress=os.environ.get('RANK', '0') == '0'):
         path = os.path.join(folder, url.rsplit('/', 1)[1])
         if os.path.isfile(path):
             continue
-        os.makedirs(folder, exist_ok=True)
         digest = re.search(r'-([0-9a-f]{8})\.\w+$', url)
         partial = os.path.join(folder, f'.{os.getpid()}.{os.path.basename(path)}')  # the extension kept for loading
         try:
+            os.makedirs(folder, exist_ok=True)
             torch.hub.download_url_to_file(url, partial, digest and digest[1], progress)
             if not digest:  # a cut connection goes unnoticed by the download: the file must load
                 with open(partial) as f:
                     json.load(f) if path.endswith('.json') else read_checkpoint(partial)
             os.replace(partial, path)
         except Exception as e:
-            reason = str(getattr(e, 'reason', None) or e).splitlines()[0][:200]
+            reason = _first_line(getattr(e, 'reason', None) or e)
+            fetch = f"download {'its files into one folder' if len(urls) > 1 else 'it'} yourself and pass the " \
+                    f"{'folder' if len(urls) > 1 else 'path'} (or put the file, named as in the URL, into {folder})"
+            if isinstance(e, urllib.error.HTTPError):
+                raise DownloadError(f"cannot download '{name}': {url} answered {e.code} {e.reason}; {fetch}") from None
             if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
-                where = 'its files into one folder and pass the folder' if len(urls) > 1 else 'it and pass its path'
                 raise DownloadError(f"cannot download '{name}' from {url} ({reason}): where there is a network, "
-                                    f"download {where} instead (or put it in {folder}, where the name finds it)"
-                                    ) from None
+                                    f"{fetch}") from None
+            if isinstance(e, OSError):  # here: a full disk, an unwritable cache
+                raise DownloadError(f"cannot store '{name}' in {folder} ({reason}): make room there, or set "
+                                    f"TORCH_HOME to another folder") from None
             what = f"its SHA-256 does not start with {digest[1]}" if 'invalid hash' in reason else reason
             raise DownloadError(f"the download of '{name}' from {url} is not the published file ({what}): deleted; "
-                                f"try again, or download it yourself and pass its path") from None
+                                f"try again, or {fetch}") from None
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
@@ -679,8 +723,8 @@ def load_model(checkpoint, allow_pickle=False):
     a classifier at its own size, or from pretraining weights the SimMIM model (extract_features reads its encoder,
     reconstruct draws its pictures). model.pretrained_cfg: its preprocessing (see preprocessing) and 'intensity'."""
     checkpoint = read_checkpoint(checkpoint, allow_pickle)
+    saved = checkpoint_args(checkpoint)
     state = fold_probe_head(to_timm_layout(checkpoint)[0])
-    saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
     arch = dict(infer_arch(state), **{k: v for k, v in saved.items() if v is not None})
     family, kw = MODELS[arch['model']]['family'], arch_kwargs(arch)
     if 'num_classes' in arch and any(k.startswith('head.') for k in state):

@@ -122,13 +122,6 @@ def reconstruct(args, run):
     if not args.pretrained:
         raise SystemExit("error: --reconstruct draws with pretrained weights: pass --pretrained PATH (a checkpoint, "
                          "a Hugging Face folder or a published name)")
-    source = engine.load_checkpoint(args.pretrained, args.allow_pickle)
-    if not any(k.endswith('decoder.0.weight') for k in models.to_timm_layout(source)[0]):
-        raise SystemExit(f"error: '{args.pretrained}' holds no SimMIM decoder (a classifier?): reconstructions need "
-                         f"pretraining weights")
-    engine.inherit(args, source['args'], engine.ARCH_FLAGS + ('img_size', 'window_size', 'mask_patch_size',
-                                                         'norm_target_window'))
-    model, normalize, mask_generator = build_model(args, run, source)
     files = []
     for path in args.reconstruct:
         if not os.path.exists(path):
@@ -137,20 +130,32 @@ def reconstruct(args, run):
             files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
+    source = engine.load_checkpoint(args.pretrained, args.allow_pickle)
+    if not any(k.endswith('decoder.0.weight') for k in models.to_timm_layout(source)[0]):
+        raise SystemExit(f"error: '{args.pretrained}' holds no SimMIM decoder (a classifier?): reconstructions need "
+                         f"pretraining weights")
+    engine.inherit(args, source['args'], engine.ARCH_FLAGS + ('img_size', 'window_size', 'mask_patch_size',
+                                                         'norm_target_window'))
+    model, normalize, mask_generator = build_model(args, run, source)
     transform = data.eval_transform(args.img_size, normalize, crop_pct=1.0)
-    model.to(run.device)
-    os.makedirs(args.output, exist_ok=True)
-    for n, start in enumerate(range(0, len(files), 8)):
+    images = []
+    for path in files:
         try:
-            images = torch.stack([transform(data.load_image(f, args.in_chans, args.intensity))
-                                  for f in files[start:start + 8]])
+            images.append((path, transform(data.load_image(path, args.in_chans, args.intensity))))
         except data.UNREADABLE as e:
-            raise SystemExit(f"error: an image in {files[start:start + 8]} is unreadable ({e})") from None
+            run.print(f"{path}: unreadable ({e}), left out")
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --output '{args.output}' is not writable ({e.strerror}); choose another folder")
+    model.to(run.device)
+    for n, start in enumerate(range(0, len(images), 8)):
+        batch = torch.stack([image for _, image in images[start:start + 8]])
         with data.seeded(args.seed + start):
-            masks = torch.stack([mask_generator() for _ in images])
+            masks = torch.stack([mask_generator() for _ in batch])
         path = os.path.join(args.output, f'reconstruction_{n + 1}.png')
-        save_reconstructions(model, images.to(run.device), masks.to(run.device), normalize, path)
-        run.print(f"wrote {path}: images {start + 1}-{start + len(images)} of {len(files)}")
+        save_reconstructions(model, batch.to(run.device), masks.to(run.device), normalize, path)
+        run.print(f"wrote {path}: " + ', '.join(os.path.basename(p) for p, _ in images[start:start + 8]))
 
 
 def pretrain(args, run):

@@ -183,7 +183,8 @@ def test_loss_for_other_channel_counts():
 def test_local_target_normalisation_matches_a_direct_computation():
     torch.manual_seed(0)
     x = torch.randn(1, 2, 9, 11)
-    out = models.local_normalize(x, 5)
+    mean, std = models.local_stats(x, 5)
+    out = (x - mean) / std
     a = x.numpy()
     for c, i, j in [(0, 0, 0), (1, 4, 5), (0, 8, 10), (1, 2, 9)]:
         patch = a[0, c, max(i - 2, 0):i + 3, max(j - 2, 0):j + 3]
@@ -191,6 +192,13 @@ def test_local_target_normalisation_matches_a_direct_computation():
         assert abs(out[0, c, i, j].item() - expected) < 1e-4
     model = tiny_simmim('swinv2_tiny', norm_target_window=47)
     assert torch.isfinite(model(torch.randn(1, 3, 64, 64), random_mask(model, 1, 64)))
+    # a model predicting its target exactly: zero loss, and reconstruct() gives back the image (the pictures' input)
+    model = tiny_simmim('swin_tiny', norm_target_window=5)
+    x, mask = torch.randn(2, 3, 64, 64), random_mask(model, 2, 64)
+    mean, std = models.local_stats(x, 5)
+    model.decoder.forward = lambda features: (x - mean) / std
+    assert model(x, mask).item() < 1e-6
+    torch.testing.assert_close(model.reconstruct(x, mask), x, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_swinv2_attention_equals_timm():
@@ -733,14 +741,18 @@ def test_two_process_evaluation_counts_every_image_once(finetuned):
 
 
 def test_linear_probe_trains_only_the_head(finetuned, tmp_path, capsys):
-    finetune.main(finetune.get_args_parser().parse_args([
-        '--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--data-path', str(finetuned / 'data'),
-        '--linear-probe', '--batch-size', '4', '--epochs', '1', '--warmup-epochs', '0', '--num-workers', '0',
-        '--amp', 'off', '--output', str(tmp_path / 'lp')]))
+    for output in ('lp', 'again'):  # the same run twice: the same head (--seed)
+        finetune.main(finetune.get_args_parser().parse_args([
+            '--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--data-path', str(finetuned / 'data'),
+            '--linear-probe', '--batch-size', '4', '--epochs', '1', '--warmup-epochs', '0', '--num-workers', '0',
+            '--amp', 'off', '--output', str(tmp_path / output), '--reprob', '0.25']))
     pre = torch.load(finetuned / 'pre' / 'checkpoint.pth', weights_only=True)['model']
     probe = torch.load(tmp_path / 'lp' / 'checkpoint.pth', weights_only=True)
+    again = torch.load(tmp_path / 'again' / 'checkpoint.pth', weights_only=True)
+    assert all(torch.equal(v, again['model'][k]) for k, v in probe['model'].items())
     assert probe['args']['linear_probe'] and probe['args']['mixup'] == 0 and probe['args']['weight_decay'] == 0
     assert probe['args']['epochs'] == 1 and probe['args']['base_lr'] == 1.0  # flags given win, the rest the recipe's
+    assert probe['args']['reprob'] == 0.25  # given, though it is the fine-tuning default
     assert probe['optimizer']['param_groups'][0]['momentum'] == 0.9  # SGD
     key = 'layers.2.blocks.0.mlp.fc1.weight'
     assert torch.equal(probe['model'][key], pre['encoder.' + key])
@@ -787,6 +799,10 @@ def test_finetune_bad_input_is_one_line(finetuned, tmp_path):
         (['--data-path', str(finetuned / 'data' / 'train')], 'has no train/ folder'),
         (['--data-path', str(finetuned / 'data'), '--batch-size', '3'], 'mixup/cutmix need an even --batch-size'),
         (['--eval', '--data-path', str(finetuned / 'data')], '--eval and --predict need a fine-tuned checkpoint'),
+        (['--predict', str(finetuned / 'data' / 'val'), '--resume', str(finetuned / 'pre' / 'checkpoint.pth')],
+         'holds no classifier (a pretraining checkpoint?)'),
+        (['--export', str(tmp_path / 'x.pth'), '--linear-probe', '--pretrained',
+          str(finetuned / 'pre' / 'checkpoint.pth')], "--export writes a trained model: export the probe's checkpoint"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit, match='^error: .*' + re.escape(message)):
@@ -1588,6 +1604,14 @@ def test_16_bit_grey_journey_pretrain_finetune_predict_export(tmp_path, capsys):
     ours.load_state_dict(torch.load(tmp_path / 'ft' / 'best.pth')['model'])
     x = torch.randn(2, 1, 64, 64)
     torch.testing.assert_close(exported(x), ours(x), atol=1e-5, rtol=1e-5)
+    back = models.load_model(str(tmp_path / 'xray.pth'))  # the export keeps its preprocessing and intensity
+    cfg = back.pretrained_cfg
+    assert (cfg['input_size'], cfg['mean'], cfg['crop_pct'], cfg['label_names'], cfg['intensity']) == \
+        ((1, 64, 64), (float(mean),), 1.0, ('left', 'right'), 4095.0)
+    assert finetune.classify(back, rows[1][0])[0] == (rows[1][1], pytest.approx(float(rows[1][2]), abs=5e-3))  # bf16
+    finetune.main(finetune.get_args_parser().parse_args(['--predict', rows[1][0], '--resume',
+                                                         str(tmp_path / 'xray.pth')]))
+    assert f"{rows[1][0]}: {rows[1][1]} {100 * float(rows[1][2]):.1f}%" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('name', ['swin_tiny', 'swinv2_tiny', 'vit_small'])
@@ -1720,6 +1744,7 @@ def hub(tmp_path, monkeypatch):
         'org/tiny-simmim-cut': ('the weights cut', f'{server.url}/hf/config.json',
                                 f'{server.url}/cut/hf/pytorch_model.bin'),
         'offline': ('nothing listens there', 'http://127.0.0.1:9/offline-0123abcd.pth'),
+        'moved': ('not on the server', f'{server.url}/moved-0123abcd.pth'),
     })
     server.cache = tmp_path / 'torch' / 'hub' / 'checkpoints'
     yield server
@@ -1743,6 +1768,10 @@ def test_a_published_name_downloads_once_and_predicts_with_imagenet_names(hub, t
     assert hub.requests == [models.PUBLISHED['tiny-in1k'][1][len(hub.url):]]  # one download
     assert cached_files(hub) == [os.path.basename(models.PUBLISHED['tiny-in1k'][1])]
     assert models.class_names(1000)[1] == 'goldfish'
+    cached = hub.cache / cached_files(hub)[0]  # a cached file damaged later: named, to delete
+    cached.write_bytes(cached.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=f"the downloaded 'tiny-in1k' in {cached} cannot be read .*: delete it"):
+        engine.load_checkpoint('tiny-in1k')
 
 
 def test_a_hugging_face_name_downloads_its_folder(hub):
@@ -1758,7 +1787,8 @@ def test_a_hugging_face_name_downloads_its_folder(hub):
     ('tiny-in1k-cut', r"is not the published file \(its SHA-256 does not start with \w{8}\): deleted"),
     ('org/tiny-simmim-cut', r"cut/hf/pytorch_model.bin is not the published file \(.*\): deleted"),
     ('offline', r"cannot download 'offline' from http://127.0.0.1:9/offline-0123abcd.pth \(.*\): where there is a "
-                r"network, download it and pass its path instead"),
+                r"network, download it yourself and pass the path \(or put the file, named as in the URL, into .*\)"),
+    ('moved', r"cannot download 'moved': http://127.0.0.1:\d+/moved-0123abcd.pth answered 404 Not Found; download"),
     ('tiny-in1', r"'tiny-in1' does not exist, nor is it a published name; close ones: tiny-in1k"),
 ])
 def test_failed_downloads_are_one_line_and_leave_nothing_to_trust(hub, name, message):
@@ -1793,6 +1823,7 @@ def test_load_model_and_classify_give_the_official_outputs(tmp_path):
 @pytest.mark.parametrize('source, size', [('ms_simmim_swin.pth', 192), ('ms_simmim_vit.pth', 224)])
 def test_reconstruct_draws_the_training_picture_for_any_checkpoint(source, size, tmp_path, capsys):
     write_images(tmp_path / 'imgs', 3)
+    (tmp_path / 'imgs' / 'broken.png').write_bytes(b'not a png')  # left out, named
     args = ['--reconstruct', str(tmp_path / 'imgs'), '--pretrained', os.path.join(FIXTURES, source), '--output',
             str(tmp_path / 'out'), '--mask-ratio', '0.5', '--device', 'cpu']
     pretrain.main(pretrain.get_args_parser().parse_args(args))
@@ -1802,7 +1833,9 @@ def test_reconstruct_draws_the_training_picture_for_any_checkpoint(source, size,
     pretrain.main(pretrain.get_args_parser().parse_args(args + ['--seed', '1']))
     with Image.open(tmp_path / 'out' / 'reconstruction_1.png') as picture:
         assert not np.array_equal(np.asarray(picture), first)  # another mask
-    assert 'images 1-3 of 3' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r'broken.png: unreadable \(.*\), left out', out)
+    assert re.search(r'reconstruction_1.png: \w+\.\w+, \w+\.\w+, \w+\.\w+\n', out)
     with pytest.raises(SystemExit, match='holds no SimMIM decoder'):
         pretrain.main(pretrain.get_args_parser().parse_args(
             args[:2] + ['--pretrained', os.path.join(FIXTURES, 'ms_finetune_swin_w7_224.pth')]))
