@@ -356,6 +356,8 @@ def preprocessing(saved, num_classes):
 def checkpoint_args(checkpoint):
     """The scripts' flags of a checkpoint (read_checkpoint's dict): its saved 'args' (ours), else read off its weights
     and the pretrained_cfg of an export (size, mean, std, crop, class names; with our 'intensity')."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)")
     if isinstance(checkpoint.get('args'), dict):
         return checkpoint['args']
     try:
@@ -487,7 +489,7 @@ PUBLISHED = {
         'Swin-B ImageNet-1k classifier, 100-epoch pretraining, 192px: top-1 82.7',
         f'{_B100}/{_B100_FT}/{_B100_FT}_20220829-9cf23aa1.pth'),
     'swin-base-w6_simmim-800e-pre_8xb256-coslr-100e_in1k-192px': (
-        'Swin-B ImageNet-1k classifier, 800-epoch pretraining: top-1 83.8',
+        'Swin-B ImageNet-1k classifier, 800-epoch pretraining (the file is named 224px): top-1 83.8',
         f'{_B800}/{_B800_FT}/{_B800_FT}_20221208-155cc6e6.pth'),
     'swin-large-w14_simmim-800e-pre_8xb256-coslr-100e_in1k': (
         'Swin-L ImageNet-1k classifier, 800-epoch pretraining, 224px, window 14: top-1 84.8',
@@ -508,8 +510,8 @@ def _first_line(error):
 
 def download(name, progress=os.environ.get('RANK', '0') == '0'):
     """A published name -> its file (a folder for several files) in torch's hub cache, downloaded the first time.
-    Each file goes to a temporary name beside its place, is checked (the SHA-256 its name carries, else that it
-    loads), and only then takes its name: the cache holds whole files or none."""
+    Each file goes to a hidden temporary name beside its place, is checked (the SHA-256 its name carries, else that
+    it loads), and only then takes its name: a failed or killed download leaves nothing under that name."""
     if name not in PUBLISHED:
         close = difflib.get_close_matches(name, PUBLISHED, n=3, cutoff=0.4)
         raise FileNotFoundError(f"'{name}' does not exist, nor is it a published name" + (
