@@ -534,8 +534,10 @@ def download(name, progress=os.environ.get('RANK', '0') == '0'):
             os.replace(partial, path)
         except Exception as e:
             reason = _first_line(getattr(e, 'reason', None) or e)
-            fetch = f"download {'its files into one folder' if len(urls) > 1 else 'it'} yourself and pass the " \
-                    f"{'folder' if len(urls) > 1 else 'path'} (or put the file, named as in the URL, into {folder})"
+            fetch = f"download it yourself and pass the path (or put the file, named as in the URL, into {folder})"
+            if len(urls) > 1:
+                fetch = f"download its files into one folder yourself and pass the folder (or put them, named as in " \
+                        f"the URLs, into {folder})"
             if isinstance(e, urllib.error.HTTPError):
                 raise DownloadError(f"cannot download '{name}': {url} answered {e.code} {e.reason}; {fetch}") from None
             if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
