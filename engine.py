@@ -105,7 +105,8 @@ def add_data_args(g, data_help):
                         "'percentile' (each image's 0.5-99.5 percentiles), or the value that becomes white (e.g. "
                         "4095 for 12-bit data in 16-bit files)")
     g.add_argument('--batch-size', type=SIZE, default=128, help='images per GPU (per process) and micro-step')
-    g.add_argument('--num-workers', type=COUNT, default=8, help='data loading processes per GPU')
+    g.add_argument('--num-workers', type=COUNT, default=min(8, os.cpu_count() or 1),
+                   help='data loading processes per GPU (default: 8, or the CPU count if lower)')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean of 0-1 pixels (default: '
                                                                        'ImageNet)')
     g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
@@ -123,7 +124,7 @@ def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
     g.add_argument('--multisteps', type=COUNT, nargs='*', default=[], help='multistep milestones, in epochs')
     g.add_argument('--gamma', type=AMOUNT, default=0.1, help='multistep decay factor')
     g.add_argument('--weight-decay', type=AMOUNT, default=0.05,
-                   help='AdamW; not on norms, biases and the official exemptions (README: Fidelity)')
+                   help='not on norms, biases and the official exemptions (README: Fidelity)')
     g.add_argument('--accumulation-steps', type=SIZE, default=1, help='micro-batches per optimizer step')
     g.add_argument('--clip-grad', type=AMOUNT, default=5.0, help='max gradient norm; 0 = no clipping')
     g.add_argument('--amp', default=None, choices=['bf16', 'fp16', 'off'],
@@ -513,7 +514,7 @@ def save_atomic(write, path):
         cause = next((c for c in (e, e.__cause__, e.__context__) if isinstance(c, OSError)), e)
         reason = getattr(cause, 'strerror', None) or str(cause).splitlines()[0][:200]
         fix = 'free some space' if getattr(cause, 'errno', None) == errno.ENOSPC else 'fix the path or the folder'
-        kept = '; the previous file is intact' if os.path.exists(path) else ''
+        kept = '; the previous file is intact' if os.path.isfile(path) else ''
         raise SystemExit(f"error: could not write {path} ({reason}){kept}: {fix} and rerun the same command") from None
 
 
@@ -674,7 +675,8 @@ def start_output(run, args, start=0):
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: --output '{args.output}' is not writable ({e.strerror}); choose another folder")
+        raise SystemExit(f"error: --output '{args.output}' is not a folder that can be written ({e.strerror}); choose "
+                         f"another")
     if run.main:
         info = dict(run=run.id, args=vars(args), world_size=run.world_size, device=str(run.device),
                     python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,

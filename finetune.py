@@ -350,6 +350,9 @@ def start(args, run):
     if (args.eval or args.predict) and not any(k.startswith('head.') for k in models.to_timm_layout(source)[0]):
         raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it first "
                          f"(--pretrained {resume}), then --eval or --predict with the result")
+    if args.export and not source:
+        raise SystemExit("error: --export writes trained weights: pass --pretrained (an encoder) or --resume (a "
+                         "classifier)")
     if args.export and args.linear_probe and not resume:
         raise SystemExit("error: --export writes a trained model: export the probe's checkpoint (--resume PATH), or "
                          "the encoder without --linear-probe")
@@ -372,8 +375,8 @@ def start(args, run):
              if getattr(args, k) is None}
     vars(args).update(unset)
     if args.linear_probe and not use:
-        run.print("linear probe: SGD (momentum 0.9), " + ', '.join(f"--{k.replace('_', '-')} {v!r}"
-                                                                  for k, v in unset.items()))
+        run.print(', '.join(["linear probe: SGD (momentum 0.9)"] + [f"--{k.replace('_', '-')} {v!r}"
+                                                                     for k, v in unset.items()]))
     if args.probe_block and not (args.linear_probe and models.MODELS[args.model]['family'] == models.VIT):
         raise SystemExit("error: --probe-block is for --linear-probe of ViT models (a Swin probe reads the last stage)")
     normalize = engine.normalization(args)
@@ -392,7 +395,7 @@ def start(args, run):
                   f"{len(args.classes)} class folders in sorted order, of its {args.num_classes}")
     if ours:  # the model and the data it was trained on; one line naming a change
         engine.check_resume_flags(run, args, saved, resume, engine.SHAPE_FLAGS + ('mean', 'std', 'intensity',
-                                                                                  'probe_block'))
+                                                                                  'linear_probe', 'probe_block'))
         engine.load_model_state(model, source['model'], resume)
         run.print(f"loaded {resume} (epoch {source.get('epoch')}"
                   + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))

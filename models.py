@@ -505,7 +505,7 @@ class DownloadError(OSError):
 
 def _first_line(error):
     """An error's text, up to its first line end or sentence end, at most 200 characters."""
-    return re.split(r'\n|(?<=\w)\. ', str(error))[0][:200]
+    return re.split(r'\n|(?<=\w)\. ', str(error) or type(error).__name__)[0][:200]
 
 
 def download(name, progress=os.environ.get('RANK', '0') == '0'):
@@ -546,7 +546,8 @@ def download(name, progress=os.environ.get('RANK', '0') == '0'):
             if isinstance(e, OSError):  # here: a full disk, an unwritable cache
                 raise DownloadError(f"cannot store '{name}' in {folder} ({reason}): make room there, or set "
                                     f"TORCH_HOME to another folder") from None
-            what = f"its SHA-256 does not start with {digest[1]}" if 'invalid hash' in reason else reason
+            what = f"cut short or altered: its SHA-256 does not start with {digest[1]}" if 'invalid hash' in reason \
+                else reason
             raise DownloadError(f"the download of '{name}' from {url} is not the published file ({what}): deleted; "
                                 f"try again, or {fetch}") from None
         finally:
@@ -724,22 +725,24 @@ def load_pretrained(model, checkpoint):
 
 def load_model(checkpoint, allow_pickle=False):
     """A checkpoint (a file, a Hugging Face folder or a published name) -> its model with its weights, in eval mode:
-    a classifier at its own size, or from pretraining weights the SimMIM model (extract_features reads its encoder,
-    reconstruct draws its pictures). model.pretrained_cfg: its preprocessing (see preprocessing) and 'intensity'."""
+    a classifier at its own size (an encoder without head: num_classes 0), or from pretraining weights with a decoder
+    the SimMIM model (extract_features reads its encoder, reconstruct draws). model.pretrained_cfg: its preprocessing
+    (see preprocessing) and 'intensity'."""
     checkpoint = read_checkpoint(checkpoint, allow_pickle)
     saved = checkpoint_args(checkpoint)
     state = fold_probe_head(to_timm_layout(checkpoint)[0])
     arch = dict(infer_arch(state), **{k: v for k, v in saved.items() if v is not None})
     family, kw = MODELS[arch['model']]['family'], arch_kwargs(arch)
-    if 'num_classes' in arch and any(k.startswith('head.') for k in state):
+    if any(k.endswith('decoder.0.weight') for k in state):
+        model = build_simmim(arch['model'], arch.get('img_size'), arch.get('norm_target_window') or 0, **kw)
+        arch['num_classes'] = 0
+    else:  # a classifier, or an encoder without head (an export)
         if family == VIT:  # mean pooling and a new norm (the official fine-tuning), or the final norm kept
             kw['use_fc_norm'] = 'fc_norm.weight' in state
         elif family == SWINV2:
             kw['pretrained_window_sizes'] = arch.get('pretrained_window_sizes')
+        arch['num_classes'] = arch.get('num_classes') or 0
         model = build_classifier(arch['model'], arch.get('img_size'), arch['num_classes'], **kw)
-    else:
-        model = build_simmim(arch['model'], arch.get('img_size'), arch.get('norm_target_window', 0), **kw)
-        arch['num_classes'] = 0
     load_pretrained(model, state)
     size = model.patch_embed.img_size if hasattr(model, 'patch_embed') else model.encoder.patch_embed.img_size
     model.pretrained_cfg = dict(preprocessing(dict(arch, img_size=size[0]), arch['num_classes']),

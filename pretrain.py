@@ -36,8 +36,9 @@ def get_args_parser():
     g.add_argument('--mask-patch-size', type=engine.SIZE, default=None,
                    help="side of a masked square, pixels (default 32; --reconstruct: the checkpoint's)")
     g.add_argument('--mask-ratio', type=float, default=0.6, help='fraction of masked squares')
-    g.add_argument('--norm-target-window', type=engine.COUNT, default=0,
-                   help='regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels')
+    g.add_argument('--norm-target-window', type=engine.COUNT, default=None,
+                   help="regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels (default; "
+                        "--reconstruct: the checkpoint's)")
     g = p.add_argument_group('data')
     engine.add_data_args(g, 'folder of images, searched recursively (labels unused); default: the bundled demo/ images')
     g.add_argument('--scale', type=engine.AMOUNT, default=0.67, help='RandomResizedCrop: smallest crop, a fraction of '
@@ -98,6 +99,7 @@ def stats(args, run):
 def build_model(args, run, source=None):
     """The SimMIM model of args, with the --pretrained weights (source) if any, its normalisation and mask generator."""
     args.model, args.mask_patch_size = args.model or 'swin_base', args.mask_patch_size or 32
+    args.norm_target_window = args.norm_target_window or 0
     try:
         model = models.build_simmim(args.model, args.img_size, args.norm_target_window, args.use_checkpoint,
                                     **engine.arch_overrides(args))
@@ -144,10 +146,13 @@ def reconstruct(args, run):
             images.append((path, transform(data.load_image(path, args.in_chans, args.intensity))))
         except data.UNREADABLE as e:
             run.print(f"{path}: unreadable ({e}), left out")
+    if not images:
+        raise SystemExit(f"error: none of the {len(files)} images given to --reconstruct could be read")
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: --output '{args.output}' is not writable ({e.strerror}); choose another folder")
+        raise SystemExit(f"error: --output '{args.output}' is not a folder that can be written ({e.strerror}); choose "
+                         f"another")
     model.to(run.device)
     for n, start in enumerate(range(0, len(images), 8)):
         batch = torch.stack([image for _, image in images[start:start + 8]])
@@ -155,7 +160,7 @@ def reconstruct(args, run):
             masks = torch.stack([mask_generator() for _ in batch])
         path = os.path.join(args.output, f'reconstruction_{n + 1}.png')
         save_reconstructions(model, batch.to(run.device), masks.to(run.device), normalize, path)
-        run.print(f"wrote {path}: " + ', '.join(os.path.basename(p) for p, _ in images[start:start + 8]))
+        run.print(f"wrote {path}: " + ', '.join(p for p, _ in images[start:start + 8]))
 
 
 def pretrain(args, run):

@@ -1068,7 +1068,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, as_t
     assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['epoch'] == 0
     assert not os.path.exists(tmp_path / 'run' / 'checkpoint.pth.tmp')
     (tmp_path / 'file').write_text('x')
-    with pytest.raises(SystemExit, match="--output '.*file/out' is not writable"):
+    with pytest.raises(SystemExit, match="--output '.*file/out' is not a folder that can be written"):
         pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'file' / 'out'))
 
 
@@ -1636,6 +1636,10 @@ def test_an_exported_encoder_gives_our_features_in_timm(name, tmp_path, capsys):
         theirs = exported.forward_head(features, pre_logits=True)
     torch.testing.assert_close(theirs, pooled, atol=1e-5, rtol=1e-5)
     assert exported.pretrained_cfg['mean'] == (0.5,) * 3 and exported.pretrained_cfg['input_size'] == (3, size, size)
+    back = models.load_model(str(tmp_path / 'enc.pth'))  # the encoder, no head and no (random) decoder
+    assert not isinstance(back, models.SimMIM) and back.pretrained_cfg['mean'] == (0.5,) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(models.extract_features(back, x)[0], pooled, atol=1e-5, rtol=1e-5)
     if name == 'vit_small':  # the control: timm's default ViT pooling (a new fc_norm) is another encoder
         fresh = timm.create_model('beit_base_patch16_224', img_size=size, patch_size=arch['patch_size'],
                                   embed_dim=arch['embed_dim'], depth=arch['depths'][0], num_heads=arch['num_heads'][0],
@@ -1783,8 +1787,9 @@ def test_a_hugging_face_name_downloads_its_folder(hub):
 
 
 @pytest.mark.parametrize('name, message', [
-    ('tiny-in1k-wrong-hash', r"is not the published file \(its SHA-256 does not start with \w{8}\): deleted"),
-    ('tiny-in1k-cut', r"is not the published file \(its SHA-256 does not start with \w{8}\): deleted"),
+    ('tiny-in1k-wrong-hash', r"is not the published file \(cut short or altered: its SHA-256 does not start with "
+                             r"\w{8}\): deleted"),
+    ('tiny-in1k-cut', r"is not the published file \(cut short or altered: its SHA-256 does not start with \w{8}\)"),
     ('org/tiny-simmim-cut', r"cut/hf/pytorch_model.bin is not the published file \(.*\): deleted"),
     ('offline', r"cannot download 'offline' from http://127.0.0.1:9/offline-0123abcd.pth \(.*\): where there is a "
                 r"network, download it yourself and pass the path \(or put the file, named as in the URL, into .*\)"),
@@ -1835,7 +1840,22 @@ def test_reconstruct_draws_the_training_picture_for_any_checkpoint(source, size,
         assert not np.array_equal(np.asarray(picture), first)  # another mask
     out = capsys.readouterr().out
     assert re.search(r'broken.png: unreadable \(.*\), left out', out)
-    assert re.search(r'reconstruction_1.png: \w+\.\w+, \w+\.\w+, \w+\.\w+\n', out)
+    assert re.search(r'reconstruction_1.png: [^,]+/imgs/\w+\.\w+, [^,]+\.\w+, [^,]+\.\w+\n', out)
     with pytest.raises(SystemExit, match='holds no SimMIM decoder'):
         pretrain.main(pretrain.get_args_parser().parse_args(
             args[:2] + ['--pretrained', os.path.join(FIXTURES, 'ms_finetune_swin_w7_224.pth')]))
+
+
+def test_reconstruct_takes_the_checkpoints_mask_squares_and_target_normalisation(tmp_path, monkeypatch):
+    simmim = tiny_simmim('swin_tiny', norm_target_window=5)
+    arch = dict(models.infer_arch(models.to_timm_layout(simmim.state_dict())[0]), img_size=64, window_size=2,
+                mask_patch_size=16, norm_target_window=5)
+    torch.save(dict(model=simmim.state_dict(), args=arch), tmp_path / 'pre.pth')
+    write_images(tmp_path / 'imgs', 2)
+    drawn = []
+    monkeypatch.setattr(pretrain, 'save_reconstructions', lambda model, images, masks, *_: drawn.append((model, masks)))
+    pretrain.main(pretrain.get_args_parser().parse_args([
+        '--reconstruct', str(tmp_path / 'imgs'), '--pretrained', str(tmp_path / 'pre.pth'), '--output',
+        str(tmp_path / 'out')]))
+    (model, masks), = drawn
+    assert model.norm_target_window == 5 and masks.shape == (2, 16, 16) and masks.float().mean() == 10 / 16
