@@ -556,11 +556,16 @@ class CorruptCheckpoint(SystemExit):
     """A checkpoint that cannot be read whole: auto-resume passes over it."""
 
 
-def load_checkpoint(path, allow_pickle=False):
+def load_checkpoint(path, allow_pickle=False, run=None):
     """Any supported checkpoint or published name (models.read_checkpoint), verified against its checksum; its
-    'args' are read off the weights when it has none."""
+    'args' are read off the weights when it has none. In a distributed run a name is downloaded once per machine: its
+    first rank fetches it while the others wait (if it fails, torchrun ends them)."""
     damaged = "it is truncated, corrupted or not a PyTorch checkpoint"
     try:
+        if run is not None and run.distributed and path in models.PUBLISHED and not os.path.exists(path):
+            if os.environ.get('LOCAL_RANK', '0') == '0':
+                models.download(path)
+            dist.barrier()
         checkpoint = models.read_checkpoint(path, allow_pickle)
     except models.PickledCheckpoint as e:
         raise SystemExit(f"error: {e}; pass --allow-pickle if you trust it") from None
@@ -591,7 +596,7 @@ def find_resume(args, run):
     Auto-resume passes over a corrupted checkpoint for the newest intact one, saying so. -> (path, checkpoint) or
     (None, None)."""
     if args.resume:  # a file, or a Hugging Face model folder
-        return args.resume, load_checkpoint(args.resume, args.allow_pickle)
+        return args.resume, load_checkpoint(args.resume, args.allow_pickle, run)
     latest = os.path.join(args.output, 'checkpoint.pth')
     if not args.auto_resume or not os.path.isfile(latest):
         return None, None

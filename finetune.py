@@ -342,7 +342,7 @@ def main(args):
 def start(args, run):
     """Load the model, then predict, measure, export, evaluate or fine-tune."""
     resume, source = engine.find_resume(args, run)
-    source = source or (engine.load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained else None)
+    source = source or (engine.load_checkpoint(args.pretrained, args.allow_pickle, run) if args.pretrained else None)
     ours = bool(resume) and 'max_accuracy' in source  # a finetune.py checkpoint, which can continue training
     use = args.eval or args.predict or args.throughput or args.export
     if (args.eval or args.predict) and not resume:

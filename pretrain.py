@@ -132,7 +132,7 @@ def reconstruct(args, run):
             files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
-    source = engine.load_checkpoint(args.pretrained, args.allow_pickle)
+    source = engine.load_checkpoint(args.pretrained, args.allow_pickle, run)
     if not any(k.endswith('decoder.0.weight') for k in models.to_timm_layout(source)[0]):
         raise SystemExit(f"error: '{args.pretrained}' holds no SimMIM decoder (a classifier?): reconstructions need "
                          f"pretraining weights")
@@ -168,7 +168,8 @@ def pretrain(args, run):
     if ckpt and not ('optimizer' in ckpt and 'mask_ratio' in ckpt['args']):
         raise SystemExit(f"error: '{resume}' is no pretrain.py checkpoint, so pretraining cannot resume from it; start "
                          f"from its weights with --pretrained")
-    source = engine.load_checkpoint(args.pretrained, args.allow_pickle) if args.pretrained and not resume else None
+    source = engine.load_checkpoint(args.pretrained, args.allow_pickle, run) if args.pretrained and not resume \
+        else None
     if ckpt or source:  # a resumed run is the run it was: its model, architecture and normalisation
         engine.inherit(args, (ckpt or source)['args'])
     torch.manual_seed(args.seed + run.rank)

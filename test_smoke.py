@@ -1700,12 +1700,14 @@ class Hub:
     def __init__(self, files):
         import http.server
         import threading
+        import time
         hub = self
         self.files, self.requests = files, []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 hub.requests.append(self.path)
+                time.sleep(0.3)  # a transfer takes a while: two processes both missing the file would both ask
                 body = hub.files.get(self.path.removeprefix('/cut'))
                 if body is None:
                     return self.send_error(404)
@@ -1784,6 +1786,24 @@ def test_a_hugging_face_name_downloads_its_folder(hub):
     assert checkpoint['hf_config'] == expected['hf_config']
     assert all(torch.equal(checkpoint['model'][k], v) for k, v in expected['model'].items())
     assert cached_files(hub) == ['org--tiny-simmim/config.json', 'org--tiny-simmim/pytorch_model.bin']
+
+
+def download_worker(rank, port, url, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    models.PUBLISHED['tiny-in1k'] = ('a tiny ImageNet classifier', url)  # the test's, in this spawned process
+    run = engine.Run(pretrain.get_args_parser().parse_args(['--device', 'cpu', '--output', '.']))
+    try:
+        results[rank] = engine.load_checkpoint('tiny-in1k', run=run)['args']['num_classes']
+    finally:
+        run.close()
+
+
+def test_the_ranks_of_a_machine_download_a_name_once(hub):
+    port = 29500 + (os.getpid() + 500) % 1000
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(download_worker, args=(port, models.PUBLISHED['tiny-in1k'][1], results), nprocs=2)
+    assert dict(results) == {0: 1000, 1: 1000} and len(hub.requests) == 1
 
 
 @pytest.mark.parametrize('name, message', [
