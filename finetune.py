@@ -403,7 +403,9 @@ def start(args, run):
         engine.load_pretrained(model, source, resume or args.pretrained, run)
     if args.probe_block and len(model.blocks) != args.probe_block:  # the blocks past it go; the checkpoints say so
         if args.probe_block > len(model.blocks):
-            raise SystemExit(f"error: --probe-block {args.probe_block}, but the model has {len(model.blocks)} blocks")
+            raise SystemExit(f"error: --probe-block {args.probe_block}, but the model has {len(model.blocks)} blocks"
+                             + ("; a probe keeps only the blocks it reads: start afresh (--no-auto-resume or another "
+                                "--output)" if ours else ''))
         del model.blocks[args.probe_block:]
         args.depths = [args.probe_block]
     if args.export:
