@@ -250,6 +250,16 @@ def find_images(root):
     return [(p, index[t]) for p, t in zip(paths, tops)], classes
 
 
+def image_files(paths):
+    """The image files named by paths, in order: files as they are, folders searched as find_images does."""
+    files = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"'{path}' does not exist")
+        files += [p for p, _ in find_images(path)[0]] if os.path.isdir(path) else [str(path)]
+    return files
+
+
 class ImageDataset(Dataset):
     """Images under a folder (recursively) -> (transform(image), label, skipped); images as load_image reads them.
 

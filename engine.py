@@ -112,9 +112,9 @@ def add_data_args(g, data_help):
     g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
 
 
-def add_optim_args(p, epochs, warmup_epochs, base_lr, warmup_lr, min_lr):
+def add_optim_args(p, epochs=None, warmup_epochs=None, base_lr=None, warmup_lr=None, min_lr=None):
     g = p.add_argument_group('optimization (learning rates are per 512 images: lr x effective batch / 512)')
-    g.add_argument('--epochs', type=SIZE, default=epochs)
+    g.add_argument('--epochs', type=SIZE, default=epochs, help='epochs to train')
     g.add_argument('--warmup-epochs', type=COUNT, default=warmup_epochs, help='linear warmup from --warmup-lr')
     g.add_argument('--base-lr', type=AMOUNT, default=base_lr, help='peak lr per 512 images')
     g.add_argument('--warmup-lr', type=AMOUNT, default=warmup_lr, help='lr at step 0, per 512 images')
@@ -677,11 +677,7 @@ def start_output(run, args, start=0):
     """Create --output and claim it: args.json there names this run (with its flags and library versions), and
     log.jsonl keeps the records of the run up to its global step `start` (the checkpoint resumed; none when starting
     afresh). An unwritable folder fails now, not at the first checkpoint."""
-    try:
-        os.makedirs(args.output, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: --output '{args.output}' is not a folder that can be written ({e.strerror}); choose "
-                         f"another")
+    make_output(args.output)
     if run.main:
         info = dict(run=run.id, args=vars(args), world_size=run.world_size, device=str(run.device),
                     python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
@@ -698,6 +694,15 @@ def start_output(run, args, start=0):
                     if record.get('step', (record['epoch'] + 1) * args.steps_per_epoch) <= start:
                         kept.append(line)
         save_atomic(lambda f: f.write(''.join(kept).encode()), log)
+
+
+def make_output(folder):
+    """Create --output, or stop in one line."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --output '{folder}' is not a folder that can be written ({e.strerror}); choose "
+                         f"another")
 
 
 def check_output(run):

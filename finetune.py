@@ -97,7 +97,7 @@ def get_args_parser():
                    help='evaluation and prediction: resize to img size / crop pct, center crop (default 0.875; 1 '
                         'keeps the borders)')
     engine.add_data_args(p.add_argument_group('data'), 'folder with train/ and val/ class folders (ImageNet layout)')
-    engine.add_optim_args(p, epochs=100, warmup_epochs=20, base_lr=1.25e-3, warmup_lr=2.5e-7, min_lr=2.5e-7)
+    engine.add_optim_args(p)  # defaults: FINETUNE_DEFAULTS or PROBE_DEFAULTS, set in start()
     p.add_argument('--layer-decay', type=engine.AMOUNT, default=None,
                    help='lr x decay^(depth - layer): 0.9 Swin-T/S/B, 0.7 Swin-L, 0.75 SwinV2-B, 0.65 ViT')
     engine.add_run_args(p, output='output/simmim_finetune', compile='off')
@@ -290,14 +290,11 @@ def classify(model, image, k=5, autocast=contextlib.nullcontext()):
 
 def predict(model, paths, args, amp_context, k=5):
     """Print each image's top-k classes (k up to the number of classes); write them to --predict-csv too."""
-    files, rows, k = [], [], min(k, args.num_classes)
-    for path in paths:
-        if not os.path.exists(path):
-            raise SystemExit(f"error: --predict '{path}' does not exist")
-        try:
-            files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}")
+    rows, k = [], min(k, args.num_classes)
+    try:
+        files = data.image_files(paths)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --predict: {e}") from None
     for path in files:
         name = os.fsencode(path).decode(errors='replace')  # printable under any locale
         try:
@@ -347,7 +344,7 @@ def start(args, run):
     use = args.eval or args.predict or args.throughput or args.export
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
-    if (args.eval or args.predict) and not any(k.startswith('head.') for k in models.to_timm_layout(source)[0]):
+    if (args.eval or args.predict) and not source['args'].get('num_classes'):
         raise SystemExit(f"error: '{resume}' holds no classifier (a pretraining checkpoint?): fine-tune it first "
                          f"(--pretrained {resume}), then --eval or --predict with the result")
     if args.export and not source:

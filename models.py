@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from timm.data import ImageNetInfo
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 from timm.models.beit import Beit
@@ -343,13 +343,11 @@ def class_names(num_classes, names=None):
 
 def preprocessing(saved, num_classes):
     """timm's pretrained_cfg of a model saved with these fields (img_size, in_chans, mean, std, crop_pct, classes;
-    mean and std by default ImageNet's, their channel average for 1 channel)."""
+    a mean and std not saved are None: data.normalization's defaults, ImageNet's)."""
     chans, size = saved.get('in_chans') or 3, saved['img_size']
-    mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if chans == 3 else \
-        ((sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,))
-    return dict(input_size=(chans, size, size), mean=tuple(saved.get('mean') or mean),
-                std=tuple(saved.get('std') or std), interpolation='bicubic', crop_pct=saved.get('crop_pct') or 0.875,
-                num_classes=num_classes,
+    as_tuple = lambda v: v and tuple(v)
+    return dict(input_size=(chans, size, size), mean=as_tuple(saved.get('mean')), std=as_tuple(saved.get('std')),
+                interpolation='bicubic', crop_pct=saved.get('crop_pct') or 0.875, num_classes=num_classes,
                 label_names=tuple(class_names(num_classes, saved.get('classes'))) if num_classes else None)
 
 
@@ -727,11 +725,10 @@ def load_model(checkpoint, allow_pickle=False):
     """A checkpoint (a file, a Hugging Face folder or a published name) -> its model with its weights, in eval mode:
     a classifier at its own size (an encoder without head: num_classes 0), or from pretraining weights with a decoder
     the SimMIM model (extract_features reads its encoder, reconstruct draws). model.pretrained_cfg: its preprocessing
-    (see preprocessing) and 'intensity'."""
+    (see preprocessing: None for what the checkpoint does not say) and 'intensity'."""
     checkpoint = read_checkpoint(checkpoint, allow_pickle)
-    saved = checkpoint_args(checkpoint)
+    arch = {k: v for k, v in checkpoint_args(checkpoint).items() if v is not None}
     state = fold_probe_head(to_timm_layout(checkpoint)[0])
-    arch = dict(infer_arch(state), **{k: v for k, v in saved.items() if v is not None})
     family, kw = MODELS[arch['model']]['family'], arch_kwargs(arch)
     if any(k.endswith('decoder.0.weight') for k in state):
         model = build_simmim(arch['model'], arch.get('img_size'), arch.get('norm_target_window') or 0, **kw)
@@ -744,7 +741,7 @@ def load_model(checkpoint, allow_pickle=False):
         arch['num_classes'] = arch.get('num_classes') or 0
         model = build_classifier(arch['model'], arch.get('img_size'), arch['num_classes'], **kw)
     load_pretrained(model, state)
-    size = model.patch_embed.img_size if hasattr(model, 'patch_embed') else model.encoder.patch_embed.img_size
-    model.pretrained_cfg = dict(preprocessing(dict(arch, img_size=size[0]), arch['num_classes']),
+    size = getattr(model, 'encoder', model).patch_embed.img_size[0]
+    model.pretrained_cfg = dict(preprocessing(dict(arch, img_size=size), arch['num_classes']),
                                 intensity=arch.get('intensity') or 'type')
     return model.eval()

@@ -7,6 +7,7 @@ Defaults are the paper's Swin-B recipe: 192px, window 6, 100 epochs, lr 2e-4 per
 (distributed run, optimizer, AMP step, checkpoints, logging) is engine.py's, shared with finetune.py.
 """
 import argparse
+import itertools
 import os
 
 import torch
@@ -124,14 +125,10 @@ def reconstruct(args, run):
     if not args.pretrained:
         raise SystemExit("error: --reconstruct draws with pretrained weights: pass --pretrained PATH (a checkpoint, "
                          "a Hugging Face folder or a published name)")
-    files = []
-    for path in args.reconstruct:
-        if not os.path.exists(path):
-            raise SystemExit(f"error: --reconstruct '{path}' does not exist")
-        try:
-            files += [p for p, _ in data.find_images(path)[0]] if os.path.isdir(path) else [path]
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
+    try:
+        files = data.image_files(args.reconstruct)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --reconstruct: {e}") from None
     source = engine.load_checkpoint(args.pretrained, args.allow_pickle, run)
     if not any(k.endswith('decoder.0.weight') for k in models.to_timm_layout(source)[0]):
         raise SystemExit(f"error: '{args.pretrained}' holds no SimMIM decoder (a classifier?): reconstructions need "
@@ -140,27 +137,26 @@ def reconstruct(args, run):
                                                          'norm_target_window'))
     model, normalize, mask_generator = build_model(args, run, source)
     transform = data.eval_transform(args.img_size, normalize, crop_pct=1.0)
-    images = []
-    for path in files:
-        try:
-            images.append((path, transform(data.load_image(path, args.in_chans, args.intensity))))
-        except data.UNREADABLE as e:
-            run.print(f"{path}: unreadable ({e}), left out")
-    if not images:
-        raise SystemExit(f"error: none of the {len(files)} images given to --reconstruct could be read")
-    try:
-        os.makedirs(args.output, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: --output '{args.output}' is not a folder that can be written ({e.strerror}); choose "
-                         f"another")
+    engine.make_output(args.output)
     model.to(run.device)
-    for n, start in enumerate(range(0, len(images), 8)):
-        batch = torch.stack([image for _, image in images[start:start + 8]])
-        with data.seeded(args.seed + start):
+
+    def readable():
+        for path in files:
+            try:
+                yield path, transform(data.load_image(path, args.in_chans, args.intensity))
+            except data.UNREADABLE as e:
+                run.print(f"{path}: unreadable ({e}), left out")
+
+    images, n = readable(), 0
+    for n, chunk in enumerate(iter(lambda: list(itertools.islice(images, 8)), []), 1):  # 8 images a picture
+        batch = torch.stack([image for _, image in chunk])
+        with data.seeded(args.seed + n):
             masks = torch.stack([mask_generator() for _ in batch])
-        path = os.path.join(args.output, f'reconstruction_{n + 1}.png')
+        path = os.path.join(args.output, f'reconstruction_{n}.png')
         save_reconstructions(model, batch.to(run.device), masks.to(run.device), normalize, path)
-        run.print(f"wrote {path}: " + ', '.join(p for p, _ in images[start:start + 8]))
+        run.print(f"wrote {path}: " + ', '.join(p for p, _ in chunk))
+    if n == 0:
+        raise SystemExit(f"error: none of the {len(files)} images given to --reconstruct could be read")
 
 
 def pretrain(args, run):

@@ -1508,7 +1508,8 @@ def test_plausible_mistakes_are_one_line_errors(tmp_path):
     cases = [
         (pretrain, tiny + ['--device', 'gpu'], "--device 'gpu': use cuda, cuda:N or cpu"),
         (pretrain, tiny + ['--depths', '1', '1', '1', '1', '--num-heads', '1', '1'], '4 stages .* need as many head'),
-        (pretrain, tiny + ['--pretrained', str(tmp_path / 'nowhere.pth')], "'.*nowhere.pth' does not exist, nor is it a published name"),
+        (pretrain, tiny + ['--pretrained', str(tmp_path / 'nowhere.pth')],
+         "'.*nowhere.pth' does not exist, nor is it a published name"),
         (pretrain, tiny + ['--pretrained', str(tmp_path / 'list.pth')], "holds a list, not a checkpoint"),
         (finetune, tiny + ['--data-path', str(tmp_path / 'data')], "images outside the class folders .e.g. .*img0.png"),
         (finetune, ['--predict', str(tmp_path / 'empty'), '--resume',
