@@ -256,6 +256,8 @@ def image_files(paths):
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"'{path}' does not exist")
+        if not (os.path.isdir(path) or os.path.isfile(path)):  # a FIFO or a device would block the read
+            raise FileNotFoundError(f"'{path}' is neither a file nor a folder; give image files or folders")
         files += [p for p, _ in find_images(path)[0]] if os.path.isdir(path) else [str(path)]
     return files
 

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -1865,6 +1866,21 @@ def test_reconstruct_draws_the_training_picture_for_any_checkpoint(source, size,
     with pytest.raises(SystemExit, match='holds no SimMIM decoder'):
         pretrain.main(pretrain.get_args_parser().parse_args(
             args[:2] + ['--pretrained', os.path.join(FIXTURES, 'ms_finetune_swin_w7_224.pth')]))
+
+
+def test_predict_and_reconstruct_refuse_what_is_no_file_instead_of_blocking_on_it(finetuned, tmp_path):
+    os.mkfifo(tmp_path / 'pipe.png')  # reading it would wait for a writer forever
+    pipe, out = str(tmp_path / 'pipe.png'), ['--output', str(tmp_path / 'out')]
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail('blocked on the FIFO'))
+    signal.alarm(60)
+    try:
+        for script, args in ((finetune, ['--predict', pipe, '--resume', str(finetuned / 'ft' / 'best.pth')]),
+                             (pretrain, ['--reconstruct', pipe, '--pretrained', FIXTURES + '/ms_simmim_swin.pth'])):
+            with pytest.raises(SystemExit, match=r"error: --\w+: '.*pipe.png' is neither a file nor a folder; give"):
+                script.main(script.get_args_parser().parse_args(args + out))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_reconstruct_takes_the_checkpoints_mask_squares_and_target_normalisation(tmp_path, monkeypatch):
