@@ -30,11 +30,9 @@ class MaskGenerator:
     """
 
     def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
-        if input_size % mask_patch_size:
-            raise ValueError(f"image size {input_size} is not divisible by the mask patch size {mask_patch_size}")
-        if mask_patch_size % model_patch_size:
-            raise ValueError(f"mask patch size {mask_patch_size} is not divisible by the model's patch size "
-                             f"{model_patch_size}")
+        if input_size % mask_patch_size or mask_patch_size % model_patch_size:
+            raise ValueError(f"the mask patch size {mask_patch_size} must divide the image size {input_size} and be a "
+                             f"multiple of the model's patch size {model_patch_size}")
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
         self.rand_size = input_size // mask_patch_size
@@ -111,12 +109,12 @@ def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1',
     """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic, area scale-1),
     flip, RandAugment (or without it color jitter), normalisation, random erasing (pixel mode, one box); posterize
     works with any Pillow. Its ToTensor + Normalize become normalize, which also takes load_image's tensors
-    (RandAugment takes 8-bit images; color jitter 1 or 3 channels)."""
+    (RandAugment takes 8-bit images: deeper ones are rounded to 8 bits for it; color jitter 1 or 3 channels)."""
     transform = create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
                                  auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
                                  re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std,
                                  color_jitter=color_jitter or None)
-    steps = []
+    steps = [to_8_bit] if auto_augment else []
     for t in transform.transforms:
         for op in getattr(t, 'ops', []):  # RandAugment's
             if op.name.startswith('Posterize'):
@@ -128,6 +126,15 @@ def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1',
         elif not isinstance(t, T.ToTensor):
             steps.append(t)
     return T.Compose(steps)
+
+
+def to_8_bit(img):
+    """A deeper image (load_image's float tensor of 1 or 3 channels) rounded to an 8-bit PIL image, for RandAugment."""
+    if not isinstance(img, torch.Tensor):
+        return img
+    warnings.warn("images of more than 8 bits are rounded to 8 bits for RandAugment, which takes 8-bit images only; "
+                  "train without RandAugment to keep their precision")
+    return T.functional.to_pil_image(img.mul(255).round().to(torch.uint8))
 
 
 def posterize(img, bits_to_keep, **_):
@@ -165,7 +172,8 @@ def load_image(path, in_chans=3, intensity='type'):
                 img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
             mode = 'L' if in_chans == 1 else 'RGB'
             return img if img.mode == mode else img.convert(mode)
-        pixels, type_max = np.asarray(img), (None if img.mode == 'F' else 65535)
+        sixteen = img.mode.startswith('I;16') or img.format == 'PNG'  # older Pillow reads 16-bit PNGs as 'I'
+        pixels, type_max = np.asarray(img), (65535 if sixteen else None)  # else the array type's: 32-bit TIFF
     if pixels.dtype.kind in 'ui':
         type_max = type_max or np.iinfo(pixels.dtype).max
     elif pixels.dtype.kind != 'f':
@@ -273,6 +281,10 @@ class ImageDataset(Dataset):
     def __init__(self, root, transform, in_chans=3, classes=None, intensity='type'):
         self.root, self.intensity = root, intensity
         samples, self.classes = find_images(root)
+        files = [p for p, _ in samples if not p.lower().endswith('.npy')]
+        if in_chans not in (1, 3) and files:
+            raise ValueError(f"'{root}' holds image files (e.g. {files[0]}), which give 1 or 3 channels, not "
+                             f"{in_chans}; store {in_chans}-channel data as .npy arrays (H x W x {in_chans})")
         if classes is not None:  # e.g. val/ labelled with train/'s class indices
             stray = [p for p, _ in samples if os.sep not in os.path.relpath(p, root)]
             if stray:

@@ -41,27 +41,42 @@ warnings.filterwarnings('ignore', message='Grad strides do not match bucket view
 # ---------------------------------------------------------------------------------------------------------------------
 # Flags both scripts take
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors are one line (not the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (the help text says what happens) and switches."""
+    """Shows defaults, except None and those the help text gives (it says what happens), and switches."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
+        if action.default is None or isinstance(action.default, bool) or '(default' in (action.help or ''):
             return action.help
         return super()._get_help_string(action)
 
 
-def at_least(low, kind=int):
-    """An argparse type: a number >= low; anything else is argparse's one-line error naming the flag."""
+def number(interval, kind=float):
+    """An argparse type: a finite number in interval, written as in mathematics ('[0, 1]', '(0, 1]', '[1, inf)');
+    anything else (NaN and infinity too) is argparse's one-line error naming the flag."""
+    low, high = (float(v) for v in interval[1:-1].split(','))
+
     def parse(text):
         value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        inside = (value > low if interval[0] == '(' else value >= low) and (
+            value < high if interval[-1] == ')' else value <= high)
+        if not (inside and math.isfinite(value)):
+            rule = f"at least {low:g}" if interval[0] == '[' and high == math.inf else f"in {interval}"
+            rule = rule if math.isfinite(value) else 'a finite number'
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse says "invalid int value: 'x'" for what is no number at all
     return parse
 
 
-COUNT, SIZE, AMOUNT = at_least(0), at_least(1), at_least(0, float)
+COUNT, SIZE, AMOUNT = number('[0, inf)', int), number('[1, inf)', int), number('[0, inf)')
+PROBABILITY, FRACTION = number('[0, 1]'), number('(0, 1]')
 
 
 def add_arch_args(g):
@@ -73,7 +88,8 @@ def add_arch_args(g):
     g.add_argument('--num-heads', type=SIZE, nargs='+', default=None, help="heads per stage, ViT: one number")
     g.add_argument('--in-chans', type=SIZE, default=None,
                    help="image channels: 3 RGB (default, or the checkpoint's), 1 grey, any for .npy arrays (H x W x C)")
-    g.add_argument('--drop-path', type=AMOUNT, default=None, help='stochastic depth (default: the official config)')
+    g.add_argument('--drop-path', type=number('[0, 1)'), default=None,
+                   help='stochastic depth (default: the official config)')
     g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing: less memory, slower')
 
 
@@ -107,9 +123,10 @@ def add_data_args(g, data_help):
     g.add_argument('--batch-size', type=SIZE, default=128, help='images per GPU (per process) and micro-step')
     g.add_argument('--num-workers', type=COUNT, default=min(8, os.cpu_count() or 1),
                    help='data loading processes per GPU (default: 8, or the CPU count if lower)')
-    g.add_argument('--mean', type=float, nargs='+', default=None, help='per-channel mean of 0-1 pixels (default: '
-                                                                       'ImageNet)')
-    g.add_argument('--std', type=float, nargs='+', default=None, help='per-channel std (default: ImageNet)')
+    g.add_argument('--mean', type=number('(-inf, inf)'), nargs='+', default=None,
+                   help='per-channel mean of 0-1 pixels (default: ImageNet)')
+    g.add_argument('--std', type=number('(0, inf)'), nargs='+', default=None,
+                   help='per-channel std (default: ImageNet)')
 
 
 def add_optim_args(p, epochs=None, warmup_epochs=None, base_lr=None, warmup_lr=None, min_lr=None):
@@ -150,7 +167,7 @@ def add_run_args(p, output, compile):
     g.add_argument('--save-freq', type=SIZE, default=5, help='keep a numbered checkpoint every this many epochs')
     g.add_argument('--save-steps', type=COUNT, default=0,
                    help='also update checkpoint.pth every this many steps inside an epoch (resumed exactly); 0 = off')
-    g.add_argument('--dist-timeout', type=at_least(0.1, float), default=30,
+    g.add_argument('--dist-timeout', type=number('[0.1, inf)'), default=30,
                    help='minutes a collective waits for a dead or hung rank before the run stops with an error')
     g.add_argument('--print-freq', type=SIZE, default=100,
                    help='log every this many optimizer steps; a SIGTERM stops the run at the next log line')
@@ -377,6 +394,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite = torch.zeros(3, device=run.device)  # skipped steps: current streak, longest streak, total
         self.steps_run = 0  # by this process
+        self.epoch_loss = torch.zeros((), device=run.device)  # the sum of this epoch's losses (train_one_epoch's)
 
     def step(self, step, micro_batches, loss_fn):
         """One optimizer step over micro_batches; loss_fn(batch) -> scalar loss. -> (mean loss, grad norm) tensors."""
@@ -421,13 +439,15 @@ class Trainer:
     def state_dict(self):
         """The checkpoint's 'optimizer' and 'trainer' entries."""
         return dict(optimizer=self.optimizer.state_dict(),
-                    trainer=dict(scaler=self.scaler.state_dict(), nonfinite_total=int(self.nonfinite[2])))
+                    trainer=dict(scaler=self.scaler.state_dict(), nonfinite_total=int(self.nonfinite[2]),
+                                 epoch_loss=self.epoch_loss.item()))
 
     def load_state_dict(self, checkpoint):
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint['trainer']['scaler'] and self.scaler.is_enabled():  # fp16 before and now (else it starts anew)
             self.scaler.load_state_dict(checkpoint['trainer']['scaler'])
         self.nonfinite[2] = checkpoint['trainer']['nonfinite_total']
+        self.epoch_loss.fill_(checkpoint['trainer'].get('epoch_loss', 0.))
 
 
 def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=0):
@@ -439,7 +459,9 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=
     trainer.model.train()
     loader.sampler.set_epoch(epoch, skip=start * args.accumulation_steps * args.batch_size)
     batches = iter(itertools.islice(loader, (steps - start) * args.accumulation_steps))
-    epoch_loss, epoch_start = torch.zeros((), device=run.device), time.time()
+    epoch_start = time.time()
+    if start == 0:  # else the checkpoint's sum of the steps before it
+        trainer.epoch_loss.zero_()
     since_log = dict(loss=torch.zeros((), device=run.device), steps=0, data_s=0., start=time.time(), skipped=0)
     for it in range(start, steps):
         t = time.time()
@@ -451,18 +473,19 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=
         torch.manual_seed(seed)
         np.random.seed(seed)
         loss, grad_norm = trainer.step(step, micro, loss_fn)
-        epoch_loss += loss
+        trainer.epoch_loss += loss
         since_log['loss'] += loss
         since_log['steps'] += 1
         if (it + 1) % args.print_freq == 0 or it + 1 == steps:
             log_step(trainer, since_log, epoch, it, grad_norm, args, run)
             since_log.update(loss=torch.zeros((), device=run.device), steps=0, data_s=0., start=time.time(), skipped=0)
         if it + 1 < steps and (run.stopping or args.save_steps and (it + 1) % args.save_steps == 0):
+            trainer.epoch_loss.fill_(run.sync(trainer.epoch_loss.item())[0])  # each rank resumes with the ranks' mean
             save_checkpoint(run, state_fn(epoch, it + 1))
             if run.stopping:
                 run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; rerun the same command to resume")
                 return None
-    mean_loss, = run.sync(epoch_loss.item() / (steps - start))
+    mean_loss, = run.sync(trainer.epoch_loss.item() / steps)
     run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}: "
               f"mean loss {mean_loss:.4f}")
     run.log(dict(epoch=epoch, epoch_loss=mean_loss, epoch_time_s=time.time() - epoch_start))
@@ -560,7 +583,6 @@ def load_checkpoint(path, allow_pickle=False, run=None):
     """Any supported checkpoint or published name (models.read_checkpoint), verified against its checksum; its
     'args' are read off the weights when it has none. In a distributed run a name is downloaded once per machine: its
     first rank fetches it while the others wait (if it fails, torchrun ends them)."""
-    damaged = "it is truncated, corrupted or not a PyTorch checkpoint"
     try:
         if run is not None and run.distributed and path in models.PUBLISHED and not os.path.exists(path):
             if os.environ.get('LOCAL_RANK', '0') == '0':
@@ -569,15 +591,10 @@ def load_checkpoint(path, allow_pickle=False, run=None):
         checkpoint = models.read_checkpoint(path, allow_pickle)
     except models.PickledCheckpoint as e:
         raise SystemExit(f"error: {e}; pass --allow-pickle if you trust it") from None
-    except (FileNotFoundError, models.DownloadError) as e:
+    except models.UnreadableCheckpoint as e:
+        raise CorruptCheckpoint(f"error: {e}") from None
+    except (OSError, ValueError) as e:  # missing, unreadable, not downloaded
         raise SystemExit(f"error: {e}") from None
-    except UnicodeDecodeError:  # a damaged file (a ValueError too)
-        raise CorruptCheckpoint(f"error: cannot load checkpoint '{path}' (unreadable header); {damaged}") from None
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    except Exception as e:  # torch's own text for a file that is no checkpoint advises weights_only=False: not shown
-        why = 'not a PyTorch file' if 'pickl' in type(e).__name__.lower() else str(e).splitlines()[0].split('. ')[0]
-        raise CorruptCheckpoint(f"error: cannot load checkpoint '{path}' ({why}); {damaged}") from None
     if not isinstance(checkpoint, dict):
         raise SystemExit(f"error: '{path}' holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)")
     if 'checksum' in checkpoint and checkpoint.pop('checksum') != checksum(checkpoint):
@@ -591,14 +608,18 @@ def load_checkpoint(path, allow_pickle=False, run=None):
     return checkpoint
 
 
-def find_resume(args, run):
-    """The checkpoint to resume, loaded: --resume, else OUTPUT/checkpoint.pth when auto-resume is on and it exists.
-    Auto-resume passes over a corrupted checkpoint for the newest intact one, saying so. -> (path, checkpoint) or
-    (None, None)."""
-    if args.resume:  # a file, or a Hugging Face model folder
-        return args.resume, load_checkpoint(args.resume, args.allow_pickle, run)
+def find_resume(args, run, training=True):
+    """The checkpoint to resume, loaded: --resume, else OUTPUT/checkpoint.pth when auto-resume is on and it exists;
+    in training, OUTPUT's when a run of the same --resume saved it there (the same command, rerun, continues its own
+    progress). Auto-resume passes over a corrupted checkpoint for the newest intact one, saying so. -> (path,
+    checkpoint) or (None, None)."""
     latest = os.path.join(args.output, 'checkpoint.pth')
-    if not args.auto_resume or not os.path.isfile(latest):
+    auto = args.auto_resume and os.path.isfile(latest)
+    if args.resume and auto and training and started_from(args.output) == args.resume:
+        run.print(f"{args.output} holds the progress of a run started from --resume {args.resume}: continuing it")
+    elif args.resume:  # a file, or a Hugging Face model folder
+        return args.resume, load_checkpoint(args.resume, args.allow_pickle, run)
+    if not auto:
         return None, None
     numbered = {int(m[1]): m[0] for m in map(re.compile(r'ckpt_epoch_(\d+)\.pth').fullmatch, os.listdir(args.output))
                 if m}
@@ -608,6 +629,15 @@ def find_resume(args, run):
         except CorruptCheckpoint as e:
             run.print(f"{str(e)[len('error: '):].split(';')[0]}: passed over")
     raise SystemExit(f"error: every checkpoint in {args.output} is corrupted; start afresh with --no-auto-resume")
+
+
+def started_from(output):
+    """The --resume of the run that last started in output (its args.json), or None."""
+    try:
+        with open(os.path.join(output, 'args.json')) as f:
+            return json.load(f)['args'].get('resume')
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def resume_position(checkpoint, steps_per_epoch):
@@ -628,9 +658,14 @@ TRAJECTORY_FLAGS = SHAPE_FLAGS + ('epochs', 'warmup_epochs', 'base_lr', 'warmup_
 
 def inherit(args, saved, names=ARCH_FLAGS):
     """Fill the flags the user left unset from a checkpoint's saved args. For data of other channels, not the
-    normalisation and intensity (their data's), except the channel average of the mean and std for grey images."""
+    normalisation and intensity (their data's), except the channel average of the mean and std for grey images; for
+    a model of another family, not the architecture."""
     other_channels = args.in_chans is not None and args.in_chans != saved.get('in_chans', 3)
+    family = lambda model: models.MODELS[model]['family'] if model in models.MODELS else None
+    other_family = args.model is not None and family(args.model) != family(saved.get('model'))
     for name in names:
+        if other_family and name in SHAPE_FLAGS:  # Swin's stages and window do not build a ViT, nor the reverse
+            continue
         value = saved.get(name)
         if other_channels and name in ('mean', 'std', 'intensity'):
             value = [sum(value) / len(value)] if value and args.in_chans == 1 and name != 'intensity' else None
@@ -638,11 +673,15 @@ def inherit(args, saved, names=ARCH_FLAGS):
             setattr(args, name, value)
 
 
-def check_resume_flags(run, args, saved, path, names):
-    """Refuse to resume path with other trajectory flags than it was trained with, unless --accept-changes."""
+def check_resume_flags(run, args, saved, path, names, use=False):
+    """Refuse to resume path with other trajectory flags than it was trained with, unless --accept-changes; to use
+    it (use: evaluate, predict, export) with other flags at all."""
     shown = lambda n: 'the effective batch' if n == 'effective_batch' else '--' + n.replace('_', '-')
     changed = [f"{shown(n)} {saved[n]} -> {getattr(args, n)}" for n in names  # unset (None): kept from the checkpoint
                if n in saved and getattr(args, n) is not None and saved[n] != getattr(args, n)]
+    if changed and use:
+        raise SystemExit(f"error: '{path}' was trained with other settings: {', '.join(changed)}; leave these flags "
+                         f"out, they come from the checkpoint")
     if changed and not args.accept_changes:
         raise SystemExit(f"error: resuming '{path}' with other settings than it was trained with: {', '.join(changed)}"
                          f"; rerun with the same flags, add --accept-changes to continue on the new settings, or "

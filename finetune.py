@@ -9,7 +9,6 @@ Defaults are the official Swin-B fine-tuning recipe: 224px, window 7, 100 epochs
 images, layer decay 0.9, drop path 0.1, RandAugment, random erasing, mixup/cutmix with label smoothing. The run
 machinery (distributed run, optimizer, AMP step, checkpoints, logging) is engine.py's, shared with pretrain.py.
 """
-import argparse
 import contextlib
 import csv
 import io
@@ -53,15 +52,8 @@ FINETUNE_FLAGS = ('layer_decay', 'drop_path', 'mixup', 'cutmix', 'mixup_prob', '
                   'color_jitter', 'reprob', 'scale', 'hflip')
 
 
-def at_most_one(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser('SimMIM fine-tuning', formatter_class=engine.HelpFormatter)
+    p = engine.Parser(description='SimMIM fine-tuning', formatter_class=engine.HelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--pretrained', default=None,
                    help='SimMIM pretraining checkpoint to start from: a file, a Hugging Face folder or a published '
@@ -81,24 +73,26 @@ def get_args_parser():
     g.add_argument('--probe-block', type=engine.SIZE, default=None,
                    help="ViT: probe the output of this block (the paper's ViT-B: 8) instead of the last")
     g = p.add_argument_group('augmentation (official fine-tuning values)')
-    g.add_argument('--scale', type=engine.AMOUNT, default=0.08, help='RandomResizedCrop: smallest crop, a fraction of '
-                                                                     'the area')
-    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 for text, digits, ...)')
+    g.add_argument('--scale', type=engine.FRACTION, default=0.08,
+                   help='RandomResizedCrop: smallest crop, a fraction of the area')
+    g.add_argument('--hflip', type=engine.PROBABILITY, default=0.5,
+                   help='horizontal flip probability (0 for text, digits, ...)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="timm RandAugment policy; '' for none")
     g.add_argument('--color-jitter', type=engine.AMOUNT, default=0.4,
                    help='brightness, contrast and saturation jitter, used without RandAugment; 0 = off')
-    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--reprob', type=engine.PROBABILITY, default=0.25, help='random erasing probability')
     g.add_argument('--mixup', type=engine.AMOUNT, default=0.8, help='mixup alpha, 0 = off')
     g.add_argument('--cutmix', type=engine.AMOUNT, default=1.0, help='cutmix alpha, 0 = off')
-    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
-    g.add_argument('--smoothing', type=engine.AMOUNT, default=0.1, help='label smoothing')
-    g.add_argument('--crop-pct', type=at_most_one, default=None,
+    g.add_argument('--mixup-prob', type=engine.PROBABILITY, default=1.0, help='probability of mixing a batch')
+    g.add_argument('--mixup-switch-prob', type=engine.PROBABILITY, default=0.5,
+                   help='probability of cutmix instead of mixup')
+    g.add_argument('--smoothing', type=engine.number('[0, 1)'), default=0.1, help='label smoothing')
+    g.add_argument('--crop-pct', type=engine.FRACTION, default=None,
                    help='evaluation and prediction: resize to img size / crop pct, center crop (default 0.875; 1 '
                         'keeps the borders)')
     engine.add_data_args(p.add_argument_group('data'), 'folder with train/ and val/ class folders (ImageNet layout)')
     engine.add_optim_args(p)  # defaults: FINETUNE_DEFAULTS or PROBE_DEFAULTS, set in start()
-    p.add_argument('--layer-decay', type=engine.AMOUNT, default=None,
+    p.add_argument('--layer-decay', type=engine.FRACTION, default=None,
                    help='lr x decay^(depth - layer): 0.9 Swin-T/S/B, 0.7 Swin-L, 0.75 SwinV2-B, 0.65 ViT')
     engine.add_run_args(p, output='output/simmim_finetune', compile='off')
     g = p.add_argument_group('evaluate and use')
@@ -188,8 +182,12 @@ def load_data(args, normalize):
     datasets = {}
     if not args.eval:
         train = os.path.join(args.data_path, 'train')
-        transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale, args.hflip,
-                                            args.color_jitter)
+        try:
+            transform = data.finetune_transform(args.img_size, normalize, args.aa, args.reprob, args.scale, args.hflip,
+                                                args.color_jitter)
+        except AssertionError:  # timm's answer to an unknown policy
+            raise ValueError(f"--aa '{args.aa}' is no timm augmentation policy: use e.g. rand-m9-mstd0.5-inc1 (the "
+                             f"official), or '' for none") from None
         datasets['train'] = data.ImageDataset(train, transform, args.in_chans, args.classes, args.intensity)
         if isinstance(datasets['train'].load(0)[0], torch.Tensor) and args.aa:  # at least one readable image, 8-bit?
             raise ValueError(f"RandAugment (--aa) works on 8-bit images, and '{train}' holds images of more bits or "
@@ -275,17 +273,18 @@ def throughput(model, args, run, amp_context, steps=10):
 def classify(model, image, k=5, autocast=contextlib.nullcontext()):
     """One image file -> its top-k [(class name, probability)], preprocessed by model.pretrained_cfg (a model of
     models.load_model, or of this script)."""
-    cfg = model.pretrained_cfg
-    if not cfg.get('label_names'):
-        raise ValueError("classify needs a classifier; these are pretraining weights (models.extract_features reads "
-                         "their features)")
+    cfg, num_classes = model.pretrained_cfg, getattr(model, 'num_classes', 0)
+    if not num_classes:
+        raise ValueError("classify needs a classifier; these are pretraining weights or an encoder without head "
+                         "(models.extract_features reads their features)")
+    names = cfg.get('label_names') or models.class_names(num_classes)
     chans, size = cfg['input_size'][:2]
     transform = data.eval_transform(size, data.normalization(chans, cfg['mean'], cfg['std']), cfg['crop_pct'])
-    x = transform(data.load_image(image, chans, cfg['intensity']))[None].to(next(model.parameters()).device)
+    pixels = data.load_image(image, chans, cfg.get('intensity', 'type'))  # timm's own models: the default rule
     with autocast:
-        probs = model.eval()(x).float().softmax(1)[0]
+        probs = model.eval()(transform(pixels)[None].to(next(model.parameters()).device)).float().softmax(1)[0]
     top = probs.topk(min(k, len(probs)))
-    return [(cfg['label_names'][i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    return [(names[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
 def predict(model, paths, args, amp_context, k=5):
@@ -301,7 +300,7 @@ def predict(model, paths, args, amp_context, k=5):
             guesses = classify(model, path, k, amp_context)
         except data.UNREADABLE as e:
             print(f"{name}: unreadable ({e})", flush=True)
-            rows.append([name, 'unreadable'])
+            rows.append([name, 'unreadable'] + [''] * (2 * k - 1))
             continue
         print(f"{name}: " + ', '.join(f"{c} {100 * p:.1f}%" for c, p in guesses), flush=True)
         rows.append([name] + [v for c, p in guesses for v in (c, f'{p:.6f}')])
@@ -338,10 +337,13 @@ def main(args):
 
 def start(args, run):
     """Load the model, then predict, measure, export, evaluate or fine-tune."""
-    resume, source = engine.find_resume(args, run)
+    use = args.eval or args.predict or args.throughput or args.export
+    resume, source = engine.find_resume(args, run, training=not use)
     source = source or (engine.load_checkpoint(args.pretrained, args.allow_pickle, run) if args.pretrained else None)
     ours = bool(resume) and 'max_accuracy' in source  # a finetune.py checkpoint, which can continue training
-    use = args.eval or args.predict or args.throughput or args.export
+    modes = [f'--{m}' for m in ('eval', 'predict', 'throughput', 'export') if getattr(args, m)]
+    if len(modes) > 1:
+        raise SystemExit(f"error: {' and '.join(modes)} each run alone: pass one of them")
     if (args.eval or args.predict) and not resume:
         raise SystemExit("error: --eval and --predict need a fine-tuned checkpoint: pass --resume PATH")
     if (args.eval or args.predict) and not source['args'].get('num_classes'):
@@ -392,7 +394,7 @@ def start(args, run):
                   f"{len(args.classes)} class folders in sorted order, of its {args.num_classes}")
     if ours:  # the model and the data it was trained on; one line naming a change
         engine.check_resume_flags(run, args, saved, resume, engine.SHAPE_FLAGS + ('mean', 'std', 'intensity',
-                                                                                  'linear_probe', 'probe_block'))
+                                                                                  'linear_probe', 'probe_block'), use)
         engine.load_model_state(model, source['model'], resume)
         run.print(f"loaded {resume} (epoch {source.get('epoch')}"
                   + (f", top-1 {source['acc1']:.2f})" if 'acc1' in source else ')'))
@@ -428,10 +430,10 @@ def start(args, run):
             run.print('confusion matrix (rows: true class, columns: predicted):\n' + '\n'.join(
                 f"{name:>20.20} " + ' '.join(f'{n:6d}' for n in row) for name, row in zip(classes, stats['confusion'])))
         return
-    finetune(args, run, model, datasets['train'], val_loader, source if resume else None)
+    finetune(args, run, model, datasets['train'], val_loader, resume, source if resume else None)
 
 
-def finetune(args, run, model, train_set, val_loader, resume_state):
+def finetune(args, run, model, train_set, val_loader, resume, resume_state):
     loader = data.build_loader(train_set, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
     try:
         schedule = engine.scale_lrs(args, run.world_size, len(loader))
@@ -457,7 +459,7 @@ def finetune(args, run, model, train_set, val_loader, resume_state):
               + ('linear probe' if args.linear_probe else f'layer decay {args.layer_decay}'))
     start_epoch, start_step, best, best_loss = 0, 0, 0., math.inf
     if resume_state:
-        engine.check_resume_flags(run, args, resume_state['args'], args.resume or 'checkpoint.pth',
+        engine.check_resume_flags(run, args, resume_state['args'], resume,
                                   engine.TRAJECTORY_FLAGS + FINETUNE_FLAGS)
         trainer.load_state_dict(resume_state)
         start_epoch, start_step = engine.resume_position(resume_state, args.steps_per_epoch)

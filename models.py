@@ -242,7 +242,14 @@ def model_kwargs(name, img_size, pretrain, **overrides):
         kw.update(patch_size=16, init_values=0.1)
     else:
         kw.update(patch_size=4, window_size=img_size // window_div)
+    if family == VIT and overrides.get('window_size') is not None:
+        raise ValueError(f"{name} has no window size (Swin models have one): leave it out")
     kw.update({k: v for k, v in overrides.items() if v is not None})
+    heads = (kw['num_heads'],) if family == VIT else kw['num_heads']
+    for i, h in enumerate(heads):
+        if kw['embed_dim'] * 2 ** i % h:
+            raise ValueError(f"{name}'s width {kw['embed_dim'] * 2 ** i}" + (f" in stage {i}" if i else '') +
+                             f" is not divisible by its {h} attention heads: choose heads that divide it")
     if family != VIT:
         if len(kw['num_heads']) != len(kw['depths']):
             raise ValueError(f"{len(kw['depths'])} stages (depths {tuple(kw['depths'])}) need as many head counts, "
@@ -430,6 +437,10 @@ class PickledCheckpoint(ValueError):
     """A checkpoint holding pickled Python objects, read without allow_pickle."""
 
 
+class UnreadableCheckpoint(ValueError):
+    """A file that is no readable checkpoint: truncated, corrupted or of another kind."""
+
+
 def read_checkpoint(path, allow_pickle=False):
     """A .pth / .pt / .bin / .safetensors file, a Hugging Face model folder (model.safetensors or pytorch_model.bin,
     with config.json) or a published name (PUBLISHED: downloaded once) -> a dict. Pickled objects (the official
@@ -454,18 +465,23 @@ def read_checkpoint(path, allow_pickle=False):
             with open(config) as f:
                 checkpoint = dict(model=checkpoint, hf_config=json.load(f))
         return checkpoint
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file  # installed with timm
-        return load_file(path)
     try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file  # installed with timm
+            return load_file(path)
         return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
+    except OSError:  # unreadable, not damaged
+        raise
+    except Exception as e:  # torch's text for a file that is no checkpoint advises weights_only=False: not shown
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        if not found:
-            raise
-        raise PickledCheckpoint(f"'{path}' holds pickled Python objects ({found[1]}), as official SimMIM "
-                                f"checkpoints store their config; loading them (allow_pickle=True) runs code from the "
-                                f"file") from None
+        if found:
+            raise PickledCheckpoint(f"'{path}' holds pickled Python objects ({found[1]}), as official SimMIM "
+                                    f"checkpoints store their config; loading them (allow_pickle=True) runs code from "
+                                    f"the file") from None
+        other = isinstance(e, (pickle.UnpicklingError, KeyError, UnicodeDecodeError))  # not a pickle or a zip of one
+        why = 'not a PyTorch file' if other else _first_line(e)
+        raise UnreadableCheckpoint(f"cannot load checkpoint '{path}' ({why}); it is truncated, corrupted or not a "
+                                   f"PyTorch checkpoint") from None
 
 
 # Published SimMIM weights by name: mmpretrain's (the seed's tables; each file's name ends in the first 8 hex digits of

@@ -6,7 +6,6 @@
 Defaults are the paper's Swin-B recipe: 192px, window 6, 100 epochs, lr 2e-4 per 512 images. The run machinery
 (distributed run, optimizer, AMP step, checkpoints, logging) is engine.py's, shared with finetune.py.
 """
-import argparse
 import itertools
 import os
 
@@ -18,12 +17,14 @@ import engine
 import models
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
+# What continued pretraining, a resumed run and --reconstruct take from the checkpoint unless given
+CHECKPOINT_FLAGS = engine.ARCH_FLAGS + ('img_size', 'window_size', 'mask_patch_size', 'norm_target_window')
 # Besides engine.TRAJECTORY_FLAGS, what a resumed pretraining must keep
 PRETRAIN_FLAGS = ('mask_patch_size', 'mask_ratio', 'norm_target_window', 'scale', 'hflip')
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('SimMIM pretraining', formatter_class=engine.HelpFormatter)
+    p = engine.Parser(description='SimMIM pretraining', formatter_class=engine.HelpFormatter)
     g = p.add_argument_group('model')
     g.add_argument('--model', default=None, choices=list(models.MODELS),
                    help="encoder (default: --pretrained's, else swin_base)")
@@ -36,16 +37,16 @@ def get_args_parser():
     g = p.add_argument_group('masking')
     g.add_argument('--mask-patch-size', type=engine.SIZE, default=None,
                    help="side of a masked square, pixels (default 32; --reconstruct: the checkpoint's)")
-    g.add_argument('--mask-ratio', type=float, default=0.6, help='fraction of masked squares')
+    g.add_argument('--mask-ratio', type=engine.number('(0, 1)'), default=0.6, help='fraction of masked squares')
     g.add_argument('--norm-target-window', type=engine.COUNT, default=None,
                    help="regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels (default; "
                         "--reconstruct: the checkpoint's)")
     g = p.add_argument_group('data')
     engine.add_data_args(g, 'folder of images, searched recursively (labels unused); default: the bundled demo/ images')
-    g.add_argument('--scale', type=engine.AMOUNT, default=0.67, help='RandomResizedCrop: smallest crop, a fraction of '
-                                                                     'the area')
-    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (0 where sides differ: '
-                                                             'X-rays, text)')
+    g.add_argument('--scale', type=engine.FRACTION, default=0.67,
+                   help='RandomResizedCrop: smallest crop, a fraction of the area')
+    g.add_argument('--hflip', type=engine.PROBABILITY, default=0.5,
+                   help='horizontal flip probability (0 where sides differ: X-rays, text)')
     g.add_argument('--stats', action='store_true', help='print the --mean and --std of the data (up to 1000 images '
                                                         'spread over it) and exit')
     g.add_argument('--reconstruct', nargs='+', default=None, metavar='IMG',
@@ -133,8 +134,7 @@ def reconstruct(args, run):
     if not any(k.endswith('decoder.0.weight') for k in models.to_timm_layout(source)[0]):
         raise SystemExit(f"error: '{args.pretrained}' holds no SimMIM decoder (a classifier?): reconstructions need "
                          f"pretraining weights")
-    engine.inherit(args, source['args'], engine.ARCH_FLAGS + ('img_size', 'window_size', 'mask_patch_size',
-                                                         'norm_target_window'))
+    engine.inherit(args, source['args'], CHECKPOINT_FLAGS)
     model, normalize, mask_generator = build_model(args, run, source)
     transform = data.eval_transform(args.img_size, normalize, crop_pct=1.0)
     engine.make_output(args.output)
@@ -166,8 +166,8 @@ def pretrain(args, run):
                          f"from its weights with --pretrained")
     source = engine.load_checkpoint(args.pretrained, args.allow_pickle, run) if args.pretrained and not resume \
         else None
-    if ckpt or source:  # a resumed run is the run it was: its model, architecture and normalisation
-        engine.inherit(args, (ckpt or source)['args'])
+    if ckpt or source:  # a resumed run is the run it was: its model, size, masking and normalisation
+        engine.inherit(args, (ckpt or source)['args'], CHECKPOINT_FLAGS)
     torch.manual_seed(args.seed + run.rank)
 
     # model and data; the errors of bad input are one line

@@ -56,8 +56,8 @@ def test_masks_differ_and_follow_the_seed():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(input_size=200), 'not divisible by the mask patch size'),
-    (dict(mask_patch_size=32, model_patch_size=6), "not divisible by the model's patch size"),
+    (dict(input_size=200), 'the mask patch size 32 must divide the image size 200'),
+    (dict(mask_patch_size=32, model_patch_size=6), "be a multiple of the model's patch size 6"),
     (dict(mask_ratio=1.0), 'mask ratio must be in (0, 1)'),
 ])
 def test_mask_generator_rejects_bad_sizes(kwargs, message):
@@ -282,6 +282,17 @@ def test_16_bit_images_keep_their_precision_by_the_intensity_rule(tmp_path):
     assert augmented.shape == (1, 64, 64) and augmented.std() > 0.5  # the image survives (at 0-255 it turned flat)
 
 
+def test_32_bit_tiffs_are_read_by_their_type_and_deep_images_meet_randaugment_as_8_bit(tmp_path):
+    Image.fromarray(np.array([[0, 70000], [2 ** 31 - 1, 7]], np.int32)).save(tmp_path / 'deep.tif')
+    x = data.load_image(tmp_path / 'deep.tif', 1)
+    assert x.flatten().tolist() == pytest.approx([0, 70000 / (2 ** 31 - 1), 1, 7 / (2 ** 31 - 1)])  # not 70000 clipped
+    augment = data.finetune_transform(32, data.normalization(3), 'rand-m9-mstd0.5-inc1')
+    torch.manual_seed(0)
+    for _ in range(5):  # a 16-bit image among 8-bit ones: rounded to 8 bits for RandAugment, not a crash
+        with pytest.warns(UserWarning, match='rounded to 8 bits for RandAugment'):
+            assert augment(torch.rand(3, 40, 48)).shape == (3, 32, 32)
+
+
 def test_npy_arrays_load_with_any_number_of_channels(tmp_path):
     tile = np.random.default_rng(0).integers(0, 10000, (12, 10, 5)).astype(np.uint16)  # 5-band satellite tile
     np.save(tmp_path / 'tile.npy', tile)
@@ -344,9 +355,9 @@ def test_dataset_reads_folders_recursively_and_skips_bad_files(tmp_path):
     with pytest.warns(UserWarning, match='skipping unreadable image .*broken.jpg'):
         img, label, skipped = ds[broken]
     assert img.shape == (3, 32, 32) and skipped == 1 and label == 0
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match='could be read .the last: .* image files give 1 '
-                                                                    'or 3 channels, not 4; store 4-channel data as'):
-        data.ImageDataset(str(tmp_path), None, in_chans=4).load(0)
+    with pytest.raises(ValueError, match=r"holds image files \(e.g. .*\), which give 1 or 3 channels, not 4; store "
+                                         r"4-channel data as .npy arrays"):  # at once, not a warning for each file
+        data.ImageDataset(str(tmp_path), None, in_chans=4)
     flat = tmp_path / 'flat'
     write_images(flat, 2)
     assert data.ImageDataset(str(flat), None).sample(1) == (str(flat / 'img1.jpg'), -1)  # no class folders: no labels
@@ -481,7 +492,10 @@ def test_pretrain_bad_input_is_one_line(tmp_path):
         (tmp_path / 'empty', [], 'no images'),
         (tmp_path / 'data', [], r'the images make 0 batches of 4 per process, not one step'),
         (tmp_path / 'data', ['--img-size', '72'], 'not divisible by the encoder stride 32'),
-        (tmp_path / 'data', ['--mask-ratio', '0'], r'mask ratio must be in \(0, 1\)'),
+        (tmp_path / 'data', ['--num-heads', '1', '2', '2', '3'], "width 64 in stage 3 is not divisible by its 3 "
+                                                                 "attention heads"),
+        (tmp_path / 'data', ['--model', 'vit_small', '--depths', '1', '--num-heads', '2', '--window-size', '4'],
+         'vit_small has no window size'),
     ]
     for path, extra, message in cases:
         with pytest.raises(SystemExit, match='^error: .*' + message):
@@ -988,6 +1002,46 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_started_from_resume_elsewhere_continues_its_own_progress_and_epoch_mean(tmp_path, monkeypatch,
+                                                                                        capsys):
+    import signal
+    write_images(tmp_path / 'data', 8)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'old', '--epochs', '1'))
+    more = ['--resume', str(tmp_path / 'old' / 'checkpoint.pth'), '--epochs', '3', '--accept-changes']
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'straight', *more))  # epochs 1 and 2 of 2 steps
+    original, calls = models.SimMIM.forward, []
+
+    def preempted(self, x, mask):  # SIGTERM during the run's first step (epoch 1, step 0)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, x, mask)
+
+    monkeypatch.setattr(models.SimMIM, 'forward', preempted)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *more))
+    monkeypatch.setattr(models.SimMIM, 'forward', original)
+    assert 'SIGTERM: stopped after step 1 of epoch 1' in capsys.readouterr().out
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *more))  # the same command again
+    out = capsys.readouterr().out
+    assert re.search(r"resumed from .*/run/checkpoint.pth at epoch 1 step 1", out)  # not from old/ at epoch 1 step 0
+    epoch_mean = lambda output: {r['epoch']: r['epoch_loss'] for r in read_log(output) if 'epoch_loss' in r}
+    assert epoch_mean(tmp_path / 'run') == pytest.approx(epoch_mean(tmp_path / 'straight'), rel=1e-6)  # both steps
+    a = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)['model']
+    b = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_continued_pretraining_takes_the_checkpoints_size_and_mask_squares(tmp_path):
+    write_images(tmp_path / 'data', 4)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'pre', '--epochs', '1'))  # 64px, 16px squares
+    pretrain.main(pretrain.get_args_parser().parse_args([
+        '--pretrained', str(tmp_path / 'pre' / 'checkpoint.pth'), '--data-path', str(tmp_path / 'data'),
+        '--batch-size', '4', '--num-workers', '0', '--epochs', '1', '--amp', 'off',
+        '--output', str(tmp_path / 'more')]))
+    saved = torch.load(tmp_path / 'more' / 'checkpoint.pth', weights_only=True)['args']
+    assert (saved['img_size'], saved['mask_patch_size'], saved['embed_dim']) == (64, 16, 8)
+
+
 def pretrain_command(tmp_path, epochs):
     """A tiny pretraining in a process of its own, with 2 loader workers, on tmp_path/data."""
     return [sys.executable, os.path.join(HERE, 'pretrain.py'), '--model', 'swin_tiny', '--img-size', '64',
@@ -1372,11 +1426,20 @@ def test_a_nan_loss_is_skipped_and_a_run_of_skipped_steps_never_ends_done(tmp_pa
     ('--save-steps', '-1', 'argument --save-steps: must be at least 0, got -1'),
     ('--img-size', '-64', 'argument --img-size: must be at least 1, got -64'),
     ('--accumulation-steps', '0', 'argument --accumulation-steps: must be at least 1, got 0'),
+    ('--base-lr', 'nan', 'argument --base-lr: must be a finite number, got nan'),
+    ('--clip-grad', 'inf', 'argument --clip-grad: must be a finite number, got inf'),
+    ('--mean', 'nan', 'argument --mean: must be a finite number, got nan'),
+    ('--std', '0', 'argument --std: must be in (0, inf), got 0'),
+    ('--mask-ratio', '1', 'argument --mask-ratio: must be in (0, 1), got 1'),
+    ('--scale', '2', 'argument --scale: must be in (0, 1], got 2'),
+    ('--hflip', '1.5', 'argument --hflip: must be in [0, 1], got 1.5'),
+    ('--drop-path', '1', 'argument --drop-path: must be in [0, 1), got 1'),
 ])
 def test_out_of_range_flags_are_one_line_errors(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         pretrain.get_args_parser().parse_args([flag, value])
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert capsys.readouterr().err.splitlines() == [f"{pretrain.get_args_parser().prog}: error: {message} (--help "
+                                                    f"lists the flags)"]
 
 
 def test_the_image_scan_survives_link_cycles_fifos_and_hidden_folders(tmp_path):
@@ -1440,6 +1503,28 @@ def test_another_run_into_a_used_output_is_refused_and_eval_needs_a_classifier(f
     with pytest.raises(SystemExit, match="holds no classifier .a pretraining checkpoint.*fine-tune it first"):
         finetune.main(finetune.get_args_parser().parse_args([
             '--eval', '--resume', str(other), '--data-path', str(finetuned / 'data'), '--num-workers', '0']))
+
+
+def test_using_a_classifier_takes_its_settings_and_one_mode_at_a_time(finetuned, tmp_path):
+    best, data_path = str(finetuned / 'ft' / 'best.pth'), str(finetuned / 'data')
+    cases = [
+        (['--eval', '--predict', data_path, '--resume', best], r"--eval and --predict each run alone: pass one"),
+        (['--eval', '--resume', best, '--img-size', '96'], r"'.*best.pth' was trained with other settings: --img-size "
+                                                            r"224 -> 96; leave these flags out, they come from the"),
+        (['--eval', '--resume', best, '--model', 'vit_small'], r".* settings: --model swin_tiny -> vit_small; leave"),
+        (['--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--aa', 'bogus'],
+         r"--aa 'bogus' is no timm augmentation policy: use e.g. rand-m9-mstd0.5-inc1"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit, match='^error: ' + message):
+            finetune.main(finetune.get_args_parser().parse_args(args + [
+                '--data-path', data_path, '--num-workers', '0', '--output', str(tmp_path / 'out')]))
+    # a classifier timm built, without our label names or intensity in its pretrained_cfg
+    model = models.build_classifier('swin_tiny', 64, 3, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2)
+    model.pretrained_cfg = dict(input_size=(3, 64, 64), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
+    Image.fromarray(np.full((50, 60, 3), 128, np.uint8)).save(tmp_path / 'x.png')
+    assert sorted(name for name, _ in finetune.classify(model, str(tmp_path / 'x.png'))) == ['class 0', 'class 1',
+                                                                                          'class 2']
 
 
 def test_unreadable_validation_images_are_refused_before_training(tmp_path):
