@@ -292,7 +292,9 @@ class ImageDataset(Dataset):
                                  f"the folder of its class")
             unknown = sorted(set(self.classes) - set(classes))
             if unknown:
-                raise ValueError(f"'{root}' has class folders that the training set lacks: {', '.join(unknown[:5])}")
+                raise ValueError(f"'{root}' has class folders that are not among the {len(classes)} classes it is "
+                                 f"labelled with ({', '.join(classes[:5])}{', ...' * (len(classes) > 5)}): "
+                                 f"{', '.join(unknown[:5])}")
             index = {c: i for i, c in enumerate(classes)}
             samples = [(p, index[self.classes[label]]) for p, label in samples]
             self.classes = list(classes)

@@ -36,6 +36,7 @@ import models
 # A 1x1 conv's weight gradient on CPU has other strides on its size-1 dims than DDP's bucket: the same memory layout,
 # so DDP's warning about it says nothing
 warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, not the source line that warned too
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def add_run_args(p, output, compile):
                    help='minutes a collective waits for a dead or hung rank before the run stops with an error')
     g.add_argument('--print-freq', type=SIZE, default=100,
                    help='log every this many optimizer steps; a SIGTERM stops the run at the next log line')
-    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--seed', type=number('[0, 4294967295]', int), default=0)
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     g.add_argument('--allow-pickle', action='store_true',
                    help='load checkpoints holding pickled objects (official SimMIM ones hold their yacs config): this '
@@ -360,13 +361,21 @@ def scale_lrs(args, world_size, batches):
         raise ValueError(f"the images make {batches} batches of {args.batch_size} per process, not one step of "
                          f"{args.accumulation_steps} accumulation steps on each of {world_size} processes; lower "
                          f"--batch-size or add images")
+    if (args.lr_scheduler == 'multistep') != bool(args.multisteps):
+        raise ValueError("--multisteps (the epochs where the lr drops by --gamma) go with --lr-scheduler multistep, "
+                         "and it needs them")
+    if args.multisteps and max(args.multisteps) >= args.epochs:
+        raise ValueError(f"--multisteps {max(args.multisteps)} is not before --epochs {args.epochs}: the lr would "
+                         f"never drop there")
     args.effective_batch = args.batch_size * world_size * args.accumulation_steps
     args.lr, args.warmup_lr_scaled, args.min_lr_scaled = (lr * args.effective_batch / 512 for lr in
                                                           (args.base_lr, args.warmup_lr, args.min_lr))
+    short = args.warmup_epochs >= args.epochs
     return (f"world size {world_size} x batch {args.batch_size} x accumulation {args.accumulation_steps} = "
             f"effective batch {args.effective_batch}; {args.steps_per_epoch} steps per epoch; lr {args.lr:.3g} "
             f"(= {args.base_lr:g} x {args.effective_batch} / 512), warmup lr {args.warmup_lr_scaled:.3g}, "
-            f"min lr {args.min_lr_scaled:.3g}")
+            f"min lr {args.min_lr_scaled:.3g}" + (f"; warning: --warmup-epochs {args.warmup_epochs} is not below "
+                                                 f"--epochs {args.epochs}, so the lr never reaches its peak" * short))
 
 
 def build_scheduler(optimizer, args):
@@ -640,10 +649,19 @@ def started_from(output):
         return None
 
 
-def resume_position(checkpoint, steps_per_epoch):
-    """(epoch, step) to continue from: after a completed epoch, or inside one (--save-steps, SIGTERM)."""
-    step = checkpoint.get('step', steps_per_epoch)
-    return (checkpoint['epoch'] + 1, 0) if step >= steps_per_epoch else (checkpoint['epoch'], step)
+def resume_position(checkpoint, args, path):
+    """(epoch, step) to continue from: after a completed epoch, or inside one (--save-steps, SIGTERM), which only the
+    same batches per step can continue (the images the epoch has seen are skipped by count)."""
+    saved = checkpoint['args']
+    step, epoch = checkpoint.get('step', saved['steps_per_epoch']), checkpoint['epoch']
+    if step >= saved['steps_per_epoch']:
+        return epoch + 1, 0
+    if (saved['batch_size'], saved['accumulation_steps'], saved['effective_batch']) != (
+            args.batch_size, args.accumulation_steps, args.effective_batch):
+        raise SystemExit(f"error: '{path}' stopped inside epoch {epoch} with another batch (per process and step: "
+                         f"{saved['batch_size']} x {saved['accumulation_steps']}, in all {saved['effective_batch']}); "
+                         f"resume it with the same one, or from the end of an epoch (--resume OUTPUT/ckpt_epoch_N.pth)")
+    return epoch, step
 
 
 # The flags a checkpoint carries over to a new run (fine-tuning, continued pretraining)

@@ -189,9 +189,7 @@ def load_data(args, normalize):
             raise ValueError(f"--aa '{args.aa}' is no timm augmentation policy: use e.g. rand-m9-mstd0.5-inc1 (the "
                              f"official), or '' for none") from None
         datasets['train'] = data.ImageDataset(train, transform, args.in_chans, args.classes, args.intensity)
-        if isinstance(datasets['train'].load(0)[0], torch.Tensor) and args.aa:  # at least one readable image, 8-bit?
-            raise ValueError(f"RandAugment (--aa) works on 8-bit images, and '{train}' holds images of more bits or "
-                             f".npy arrays: pass --aa ''")
+        datasets['train'].load(0)  # a readable training image now, not in a loader worker
         if not datasets['train'].classes:
             raise ValueError(f"'{train}' has no class folders, or images outside them: put each class's images in a "
                              f"folder of its own")
@@ -243,7 +241,8 @@ def evaluate(model, loader, run, amp_context):
     (loss, top5, n), hits = totals.tolist(), confusion.diag()
     return dict(loss=loss / max(n, 1), acc1=100 * hits.sum().item() / max(n, 1),
                 acc5=100 * top5 / max(n, 1) if k > 5 else None, images=int(n),
-                per_class=(100 * hits / confusion.sum(1).clamp(min=1)).tolist(), confusion=confusion.tolist())
+                per_class=[100 * h / n if n else None for h, n in zip(hits.tolist(), confusion.sum(1).tolist())],
+                confusion=confusion.tolist())  # per class: None for a class without validation images
 
 
 def accuracy_line(stats):
@@ -277,7 +276,7 @@ def classify(model, image, k=5, autocast=contextlib.nullcontext()):
     if not num_classes:
         raise ValueError("classify needs a classifier; these are pretraining weights or an encoder without head "
                          "(models.extract_features reads their features)")
-    names = cfg.get('label_names') or models.class_names(num_classes)
+    names = models.class_names(num_classes, cfg.get('label_names'))
     chans, size = cfg['input_size'][:2]
     transform = data.eval_transform(size, data.normalization(chans, cfg['mean'], cfg['std']), cfg['crop_pct'])
     pixels = data.load_image(image, chans, cfg.get('intensity', 'type'))  # timm's own models: the default rule
@@ -294,6 +293,11 @@ def predict(model, paths, args, amp_context, k=5):
         files = data.image_files(paths)
     except FileNotFoundError as e:
         raise SystemExit(f"error: --predict: {e}") from None
+    csv_folder = os.path.dirname(os.path.abspath(args.predict_csv or '.'))
+    if args.predict_csv and (not os.path.isdir(csv_folder) or any(os.path.abspath(f) == os.path.abspath(
+            args.predict_csv) for f in files)):
+        raise SystemExit(f"error: --predict-csv '{args.predict_csv}' is one of the images, or its folder does not "
+                         f"exist: name a new file in an existing folder")
     for path in files:
         name = os.fsencode(path).decode(errors='replace')  # printable under any locale
         try:
@@ -352,6 +356,9 @@ def start(args, run):
     if args.export and not source:
         raise SystemExit("error: --export writes trained weights: pass --pretrained (an encoder) or --resume (a "
                          "classifier)")
+    if args.export and os.path.exists(args.export) and any(
+            os.path.exists(p) and os.path.samefile(args.export, p) for p in (resume, args.pretrained) if p):
+        raise SystemExit(f"error: --export '{args.export}' is the checkpoint it would read: name a new file")
     if args.export and args.linear_probe and not resume:
         raise SystemExit("error: --export writes a trained model: export the probe's checkpoint (--resume PATH), or "
                          "the encoder without --linear-probe")
@@ -425,7 +432,8 @@ def start(args, run):
     if args.eval:
         stats = evaluate(model, val_loader, run, amp_context)
         run.print(f"{accuracy_line(stats)} of {args.data_path}/val; per class: "
-                  + ', '.join(f"{c} {a:.1f}%" for c, a in zip(classes[:50], stats['per_class'])))
+                  + ', '.join(f"{c} {'no images' if a is None else f'{a:.1f}%'}"
+                              for c, a in zip(classes[:50], stats['per_class'])))
         if len(classes) <= 20:
             run.print('confusion matrix (rows: true class, columns: predicted):\n' + '\n'.join(
                 f"{name:>20.20} " + ' '.join(f'{n:6d}' for n in row) for name, row in zip(classes, stats['confusion'])))
@@ -462,7 +470,7 @@ def finetune(args, run, model, train_set, val_loader, resume, resume_state):
         engine.check_resume_flags(run, args, resume_state['args'], resume,
                                   engine.TRAJECTORY_FLAGS + FINETUNE_FLAGS)
         trainer.load_state_dict(resume_state)
-        start_epoch, start_step = engine.resume_position(resume_state, args.steps_per_epoch)
+        start_epoch, start_step = engine.resume_position(resume_state, args, resume)
         best, best_loss = resume_state['max_accuracy'], resume_state.get('best_loss', math.inf)
         run.print(f"resuming at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
     engine.start_output(run, args, start_epoch * args.steps_per_epoch + start_step)

@@ -339,13 +339,13 @@ def fold_probe_head(state):
 
 
 def class_names(num_classes, names=None):
-    """names, else ImageNet-1k's for 1000 classes (timm's; the first name of each), else 'class i'."""
-    if names:
-        return list(names)
-    if num_classes == 1000:
+    """names, else ImageNet-1k's for 1000 classes (timm's; the first name of each); 'class i' for the outputs past
+    them (a classifier of more outputs than named classes)."""
+    if not names and num_classes == 1000:
         info = ImageNetInfo()
         return [info.index_to_description(i).split(',')[0] for i in range(1000)]
-    return [f'class {i}' for i in range(num_classes)]
+    names = list(names or [])
+    return names + [f'class {i}' for i in range(len(names), num_classes)]
 
 
 def preprocessing(saved, num_classes):

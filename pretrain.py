@@ -199,7 +199,7 @@ def pretrain(args, run):
         engine.check_resume_flags(run, args, ckpt['args'], resume, engine.TRAJECTORY_FLAGS + PRETRAIN_FLAGS)
         engine.load_model_state(model, ckpt['model'], resume)
         trainer.load_state_dict(ckpt)
-        start_epoch, start_step = engine.resume_position(ckpt, args.steps_per_epoch)
+        start_epoch, start_step = engine.resume_position(ckpt, args, resume)
         run.print(f"resumed from {resume} at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
     engine.start_output(run, args, start_epoch * args.steps_per_epoch + start_step)
     if run.main:

@@ -995,6 +995,9 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypat
     assert 'SIGTERM: stopped after step 1 of epoch 1' in capsys.readouterr().out
     stopped = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
     assert (stopped['epoch'], stopped['step']) == (1, 1)
+    with pytest.raises(SystemExit, match=r"stopped inside epoch 1 with another batch \(per process and step: 4 x 1, "
+                                         r"in all 4\); resume it with the same one"):  # its step counts 4 images
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--batch-size', '2', '--accept-changes'))
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
     assert 'resumed from' in capsys.readouterr().out
     a = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)['model']
@@ -1395,10 +1398,15 @@ def test_resume_refuses_other_optimization_flags_unless_accepted_and_switches_am
     write_images(tmp_path / 'data', 8)
     run = lambda *extra: pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *extra))
     run('--epochs', '1')
-    with pytest.raises(SystemExit, match=r"--epochs 1 -> 4, --base-lr 0.5 -> 0.01, --lr-scheduler cosine -> multistep; "
-                                         r"rerun with the same flags, add --accept-changes to continue on the new "
-                                         r"settings, or start afresh with another --output"):
-        run('--epochs', '4', '--base-lr', '1e-2', '--lr-scheduler', 'multistep')
+    with pytest.raises(SystemExit, match=r"--epochs 1 -> 4, --base-lr 0.5 -> 0.01, --lr-scheduler cosine -> multistep, "
+                                         r"--multisteps \[\] -> \[2\]; rerun with the same flags, add --accept-changes "
+                                         r"to continue on the new settings, or start afresh with another --output"):
+        run('--epochs', '4', '--base-lr', '1e-2', '--lr-scheduler', 'multistep', '--multisteps', '2')
+    for extra, message in ((['--lr-scheduler', 'multistep'], 'go with --lr-scheduler multistep, and it needs them'),
+                           (['--multisteps', '1'], 'go with --lr-scheduler multistep'),
+                           (['--lr-scheduler', 'multistep', '--multisteps', '4'], 'is not before --epochs 4')):
+        with pytest.raises(SystemExit, match='^error: --multisteps .*' + message):
+            run('--epochs', '4', *extra, '--output', str(tmp_path / 'other'))
     run('--epochs', '1', '--num-workers', '1', '--print-freq', '5')  # flags that do not change the training: no error
     run('--epochs', '2', '--accept-changes', '--amp', 'fp16')  # extended on purpose, and from fp32 to fp16
     out = capsys.readouterr().out
@@ -1434,6 +1442,7 @@ def test_a_nan_loss_is_skipped_and_a_run_of_skipped_steps_never_ends_done(tmp_pa
     ('--scale', '2', 'argument --scale: must be in (0, 1], got 2'),
     ('--hflip', '1.5', 'argument --hflip: must be in [0, 1], got 1.5'),
     ('--drop-path', '1', 'argument --drop-path: must be in [0, 1), got 1'),
+    ('--seed', str(2 ** 64), f'argument --seed: must be in [0, 4294967295], got {2 ** 64}'),
 ])
 def test_out_of_range_flags_are_one_line_errors(flag, value, message, capsys):
     with pytest.raises(SystemExit):
@@ -1514,6 +1523,9 @@ def test_using_a_classifier_takes_its_settings_and_one_mode_at_a_time(finetuned,
         (['--eval', '--resume', best, '--model', 'vit_small'], r".* settings: --model swin_tiny -> vit_small; leave"),
         (['--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--aa', 'bogus'],
          r"--aa 'bogus' is no timm augmentation policy: use e.g. rand-m9-mstd0.5-inc1"),
+        (['--resume', best, '--export', best], r"--export '.*best.pth' is the checkpoint it would read"),
+        (['--resume', best, '--predict', data_path, '--predict-csv', str(next((finetuned / 'data').rglob('*.png')))],
+         r"--predict-csv '.*png' is one of the images"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit, match='^error: ' + message):
@@ -1525,6 +1537,22 @@ def test_using_a_classifier_takes_its_settings_and_one_mode_at_a_time(finetuned,
     Image.fromarray(np.full((50, 60, 3), 128, np.uint8)).save(tmp_path / 'x.png')
     assert sorted(name for name, _ in finetune.classify(model, str(tmp_path / 'x.png'))) == ['class 0', 'class 1',
                                                                                           'class 2']
+    model.pretrained_cfg['label_names'] = ('cat',)  # fewer names than outputs (--num-classes above the folders)
+    assert sorted(name for name, _ in finetune.classify(model, str(tmp_path / 'x.png'))) == ['cat', 'class 1',
+                                                                                          'class 2']
+
+
+def test_evaluation_counts_readable_images_and_says_which_classes_have_none():
+    model = torch.nn.Linear(2, 3)
+    model.num_classes = 3
+    images = torch.tensor([[5., 0.], [0., 5.], [5., 0.]])  # predicted 0, 1 (wrong: truly 0), and a stand-in
+    loader = [(images, torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1]))]  # the third replaced an unreadable file
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1., 0.], [0., 1.], [0., 0.]]))
+        model.bias.zero_()
+    run = argparse.Namespace(device=torch.device('cpu'), distributed=False)
+    stats = finetune.evaluate(model, loader, run, torch.autocast('cpu', enabled=False))
+    assert stats['images'] == 2 and stats['acc1'] == 50 and stats['per_class'] == [50, None, None]
 
 
 def test_unreadable_validation_images_are_refused_before_training(tmp_path):
