@@ -246,7 +246,7 @@ def model_kwargs(name, img_size, pretrain, **overrides):
         raise ValueError(f"{name} has no window size (Swin models have one): leave it out")
     kw.update({k: v for k, v in overrides.items() if v is not None})
     heads = (kw['num_heads'],) if family == VIT else kw['num_heads']
-    for i, h in enumerate(heads):
+    for i, h in enumerate(heads if family != SWIN else ()):  # timm's Swin narrows attention to heads x width // heads
         if kw['embed_dim'] * 2 ** i % h:
             raise ValueError(f"{name}'s width {kw['embed_dim'] * 2 ** i}" + (f" in stage {i}" if i else '') +
                              f" is not divisible by its {h} attention heads: choose heads that divide it")

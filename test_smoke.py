@@ -492,8 +492,8 @@ def test_pretrain_bad_input_is_one_line(tmp_path):
         (tmp_path / 'empty', [], 'no images'),
         (tmp_path / 'data', [], r'the images make 0 batches of 4 per process, not one step'),
         (tmp_path / 'data', ['--img-size', '72'], 'not divisible by the encoder stride 32'),
-        (tmp_path / 'data', ['--num-heads', '1', '2', '2', '3'], "width 64 in stage 3 is not divisible by its 3 "
-                                                                 "attention heads"),
+        (tmp_path / 'data', ['--model', 'swinv2_tiny', '--window-size', '2', '--num-heads', '1', '2', '2', '3'],
+         "swinv2_tiny's width 64 in stage 3 is not divisible by its 3 attention heads"),
         (tmp_path / 'data', ['--model', 'vit_small', '--depths', '1', '--num-heads', '2', '--window-size', '4'],
          'vit_small has no window size'),
     ]
