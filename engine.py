@@ -150,6 +150,7 @@ def add_optim_args(p, epochs=None, warmup_epochs=None, base_lr=None, warmup_lr=N
                         'natively: recent GPUs, CPUs with AVX512-BF16 or AMX; else fp16 on GPUs, off on CPUs)')
     g.add_argument('--max-nonfinite', type=SIZE, default=20,
                    help='abort after this many consecutive steps with a non-finite loss or gradient')
+    return g
 
 
 def add_run_args(p, output, compile):
@@ -172,7 +173,8 @@ def add_run_args(p, output, compile):
                    help='minutes a collective waits for a dead or hung rank before the run stops with an error')
     g.add_argument('--print-freq', type=SIZE, default=100,
                    help='log every this many optimizer steps; a SIGTERM stops the run at the next log line')
-    g.add_argument('--seed', type=number('[0, 4294967295]', int), default=0)
+    g.add_argument('--seed', type=number('[0, 4294967295]', int), default=0,
+                   help='seeds the initialisation, data order, augmentation and masks (a function of the step)')
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     g.add_argument('--allow-pickle', action='store_true',
                    help='load checkpoints holding pickled objects (official SimMIM ones hold their yacs config): this '
@@ -403,7 +405,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite = torch.zeros(3, device=run.device)  # skipped steps: current streak, longest streak, total
         self.steps_run = 0  # by this process
-        self.epoch_loss = torch.zeros((), device=run.device)  # the sum of this epoch's losses (train_one_epoch's)
+        self.epoch_loss, self.epoch_steps = torch.zeros((), device=run.device), 0  # this epoch's: train_one_epoch's
 
     def step(self, step, micro_batches, loss_fn):
         """One optimizer step over micro_batches; loss_fn(batch) -> scalar loss. -> (mean loss, grad norm) tensors."""
@@ -449,14 +451,15 @@ class Trainer:
         """The checkpoint's 'optimizer' and 'trainer' entries."""
         return dict(optimizer=self.optimizer.state_dict(),
                     trainer=dict(scaler=self.scaler.state_dict(), nonfinite_total=int(self.nonfinite[2]),
-                                 epoch_loss=self.epoch_loss.item()))
+                                 epoch_loss=self.epoch_loss.item(), epoch_steps=self.epoch_steps))
 
     def load_state_dict(self, checkpoint):
         self.optimizer.load_state_dict(checkpoint['optimizer'])
         if checkpoint['trainer']['scaler'] and self.scaler.is_enabled():  # fp16 before and now (else it starts anew)
             self.scaler.load_state_dict(checkpoint['trainer']['scaler'])
         self.nonfinite[2] = checkpoint['trainer']['nonfinite_total']
-        self.epoch_loss.fill_(checkpoint['trainer'].get('epoch_loss', 0.))
+        self.epoch_loss.fill_(checkpoint['trainer'].get('epoch_loss', 0.))  # older checkpoints: none counted
+        self.epoch_steps = checkpoint['trainer'].get('epoch_steps', 0)
 
 
 def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=0):
@@ -471,6 +474,7 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=
     epoch_start = time.time()
     if start == 0:  # else the checkpoint's sum of the steps before it
         trainer.epoch_loss.zero_()
+        trainer.epoch_steps = 0
     since_log = dict(loss=torch.zeros((), device=run.device), steps=0, data_s=0., start=time.time(), skipped=0)
     for it in range(start, steps):
         t = time.time()
@@ -483,6 +487,7 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=
         np.random.seed(seed)
         loss, grad_norm = trainer.step(step, micro, loss_fn)
         trainer.epoch_loss += loss
+        trainer.epoch_steps += 1
         since_log['loss'] += loss
         since_log['steps'] += 1
         if (it + 1) % args.print_freq == 0 or it + 1 == steps:
@@ -494,7 +499,7 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn, start=
             if run.stopping:
                 run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; rerun the same command to resume")
                 return None
-    mean_loss, = run.sync(trainer.epoch_loss.item() / steps)
+    mean_loss, = run.sync(trainer.epoch_loss.item() / trainer.epoch_steps)
     run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(time.time() - epoch_start))}: "
               f"mean loss {mean_loss:.4f}")
     run.log(dict(epoch=epoch, epoch_loss=mean_loss, epoch_time_s=time.time() - epoch_start))
@@ -697,15 +702,15 @@ def check_resume_flags(run, args, saved, path, names, use=False):
     shown = lambda n: 'the effective batch' if n == 'effective_batch' else '--' + n.replace('_', '-')
     changed = [f"{shown(n)} {saved[n]} -> {getattr(args, n)}" for n in names  # unset (None): kept from the checkpoint
                if n in saved and getattr(args, n) is not None and saved[n] != getattr(args, n)]
-    if changed and use:
+    if changed and use and not args.accept_changes:
         raise SystemExit(f"error: '{path}' was trained with other settings: {', '.join(changed)}; leave these flags "
-                         f"out, they come from the checkpoint")
+                         f"out (they come from the checkpoint), or add --accept-changes to use it with them")
     if changed and not args.accept_changes:
         raise SystemExit(f"error: resuming '{path}' with other settings than it was trained with: {', '.join(changed)}"
                          f"; rerun with the same flags, add --accept-changes to continue on the new settings, or "
                          f"start afresh with another --output (or --no-auto-resume)")
     if changed:
-        run.print(f"resuming with changed settings (--accept-changes): {', '.join(changed)}")
+        run.print(f"{'using' if use else 'resuming'} with changed settings (--accept-changes): {', '.join(changed)}")
 
 
 def load_pretrained(model, checkpoint, path, run):

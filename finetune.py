@@ -91,8 +91,8 @@ def get_args_parser():
                    help='evaluation and prediction: resize to img size / crop pct, center crop (default 0.875; 1 '
                         'keeps the borders)')
     engine.add_data_args(p.add_argument_group('data'), 'folder with train/ and val/ class folders (ImageNet layout)')
-    engine.add_optim_args(p)  # defaults: FINETUNE_DEFAULTS or PROBE_DEFAULTS, set in start()
-    p.add_argument('--layer-decay', type=engine.FRACTION, default=None,
+    g = engine.add_optim_args(p)  # defaults: FINETUNE_DEFAULTS or PROBE_DEFAULTS, set in start()
+    g.add_argument('--layer-decay', type=engine.FRACTION, default=None,
                    help='lr x decay^(depth - layer): 0.9 Swin-T/S/B, 0.7 Swin-L, 0.75 SwinV2-B, 0.65 ViT')
     engine.add_run_args(p, output='output/simmim_finetune', compile='off')
     g = p.add_argument_group('evaluate and use')
@@ -174,6 +174,8 @@ def load_data(args, normalize):
     args.num_classes. Errors are ValueErrors."""
     if args.data_path is None:
         raise ValueError("give --data-path, a folder with train/ and val/ class folders (the demo: --data-path demo)")
+    if args.aa and args.in_chans not in (1, 3) and not args.eval:
+        raise ValueError(f"RandAugment (--aa) works on 1- or 3-channel images, not {args.in_chans}: pass --aa ''")
     splits = ['val'] if args.eval else ['train', 'val']
     for split in splits:
         if not os.path.isdir(os.path.join(args.data_path, split)):

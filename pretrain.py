@@ -29,18 +29,18 @@ def get_args_parser():
     g.add_argument('--model', default=None, choices=list(models.MODELS),
                    help="encoder (default: --pretrained's, else swin_base)")
     g.add_argument('--img-size', type=engine.SIZE, default=None,
-                   help='input size in pixels (default: 192 Swin, 224 ViT)')
+                   help="input size in pixels (default: the checkpoint's, else 192 Swin, 224 ViT)")
     engine.add_arch_args(g)
     g.add_argument('--pretrained', default=None,
                    help='continue pretraining from (or --reconstruct with) these weights: a file of any supported '
                         'layout, a Hugging Face folder or a published name (README); the decoder too if present')
     g = p.add_argument_group('masking')
     g.add_argument('--mask-patch-size', type=engine.SIZE, default=None,
-                   help="side of a masked square, pixels (default 32; --reconstruct: the checkpoint's)")
+                   help="side of a masked square, pixels (default: the checkpoint's, else 32)")
     g.add_argument('--mask-ratio', type=engine.number('(0, 1)'), default=0.6, help='fraction of masked squares')
     g.add_argument('--norm-target-window', type=engine.COUNT, default=None,
-                   help="regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels (default; "
-                        "--reconstruct: the checkpoint's)")
+                   help="regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels "
+                        "(default: the checkpoint's, else 0)")
     g = p.add_argument_group('data')
     engine.add_data_args(g, 'folder of images, searched recursively (labels unused); default: the bundled demo/ images')
     g.add_argument('--scale', type=engine.FRACTION, default=0.67,

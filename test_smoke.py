@@ -1024,6 +1024,14 @@ def test_a_run_started_from_resume_elsewhere_continues_its_own_progress_and_epoc
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *more))
     monkeypatch.setattr(models.SimMIM, 'forward', original)
     assert 'SIGTERM: stopped after step 1 of epoch 1' in capsys.readouterr().out
+    shutil.copytree(tmp_path / 'run', tmp_path / 'older')  # as older code saved it: no sum of the epoch's losses
+    older = torch.load(tmp_path / 'older' / 'checkpoint.pth', weights_only=True)
+    del older['checksum'], older['trainer']['epoch_loss'], older['trainer']['epoch_steps']
+    torch.save(dict(older, checksum=engine.checksum(older)), tmp_path / 'older' / 'checkpoint.pth')
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'older', '--epochs', '2', '--accept-changes'))
+    steps = [r for r in read_log(tmp_path / 'older') if r.get('step') == 4]  # the one step run after it
+    assert [r['epoch_loss'] for r in read_log(tmp_path / 'older') if r.get('epoch') == 1 and 'epoch_loss' in r] == \
+        pytest.approx([steps[0]['loss']])  # the mean of the steps it counted, not their sum over the whole epoch
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *more))  # the same command again
     out = capsys.readouterr().out
     assert re.search(r"resumed from .*/run/checkpoint.pth at epoch 1 step 1", out)  # not from old/ at epoch 1 step 0
@@ -1519,11 +1527,13 @@ def test_using_a_classifier_takes_its_settings_and_one_mode_at_a_time(finetuned,
     cases = [
         (['--eval', '--predict', data_path, '--resume', best], r"--eval and --predict each run alone: pass one"),
         (['--eval', '--resume', best, '--img-size', '96'], r"'.*best.pth' was trained with other settings: --img-size "
-                                                            r"224 -> 96; leave these flags out, they come from the"),
+                                                            r"224 -> 96; leave these flags out .they come from the"),
         (['--eval', '--resume', best, '--model', 'vit_small'], r".* settings: --model swin_tiny -> vit_small; leave"),
         (['--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--aa', 'bogus'],
          r"--aa 'bogus' is no timm augmentation policy: use e.g. rand-m9-mstd0.5-inc1"),
         (['--resume', best, '--export', best], r"--export '.*best.pth' is the checkpoint it would read"),
+        (['--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--in-chans', '4', '--mean', *['.5'] * 4, '--std',
+          *['.2'] * 4], r"RandAugment \(--aa\) works on 1- or 3-channel images, not 4: pass --aa ''"),
         (['--resume', best, '--predict', data_path, '--predict-csv', str(next((finetuned / 'data').rglob('*.png')))],
          r"--predict-csv '.*png' is one of the images"),
     ]
