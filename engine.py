@@ -372,12 +372,12 @@ def scale_lrs(args, world_size, batches):
     args.effective_batch = args.batch_size * world_size * args.accumulation_steps
     args.lr, args.warmup_lr_scaled, args.min_lr_scaled = (lr * args.effective_batch / 512 for lr in
                                                           (args.base_lr, args.warmup_lr, args.min_lr))
-    short = args.warmup_epochs >= args.epochs
+    warning = f"; warning: --warmup-epochs {args.warmup_epochs} is not below --epochs {args.epochs}, so the lr never " \
+              f"reaches its peak" if args.warmup_epochs >= args.epochs else ''
     return (f"world size {world_size} x batch {args.batch_size} x accumulation {args.accumulation_steps} = "
             f"effective batch {args.effective_batch}; {args.steps_per_epoch} steps per epoch; lr {args.lr:.3g} "
             f"(= {args.base_lr:g} x {args.effective_batch} / 512), warmup lr {args.warmup_lr_scaled:.3g}, "
-            f"min lr {args.min_lr_scaled:.3g}" + (f"; warning: --warmup-epochs {args.warmup_epochs} is not below "
-                                                 f"--epochs {args.epochs}, so the lr never reaches its peak" * short))
+            f"min lr {args.min_lr_scaled:.3g}{warning}")
 
 
 def build_scheduler(optimizer, args):
@@ -647,11 +647,8 @@ def find_resume(args, run, training=True):
 
 def started_from(output):
     """The --resume of the run that last started in output (its args.json), or None."""
-    try:
-        with open(os.path.join(output, 'args.json')) as f:
-            return json.load(f)['args'].get('resume')
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    saved = (run_record(output) or {}).get('args')
+    return saved.get('resume') if isinstance(saved, dict) else None
 
 
 def resume_position(checkpoint, args, path):
@@ -770,11 +767,17 @@ def make_output(folder):
 def check_output(run):
     """Stop if another run has started in --output since this one (its args.json names it): two runs into one folder
     would overwrite each other's checkpoints and log."""
+    record = run_record(run.output)
+    if record is not None and record.get('run') != run.id:
+        raise SystemExit(f"error: another run ({record.get('run')}) has started in {run.output}: this one ({run.id}) "
+                         f"stopped without saving over it; give each run its own --output")
+
+
+def run_record(output):
+    """OUTPUT/args.json, written by the run that last started there (start_output), or None if unreadable."""
     try:
-        with open(os.path.join(run.output, 'args.json')) as f:
-            owner = json.load(f).get('run')
+        with open(os.path.join(output, 'args.json')) as f:
+            record = json.load(f)
     except (OSError, ValueError):
-        return
-    if owner != run.id:
-        raise SystemExit(f"error: another run ({owner}) has started in {run.output}: this one ({run.id}) stopped "
-                         f"without saving over it; give each run its own --output")
+        return None
+    return record if isinstance(record, dict) else None

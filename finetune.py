@@ -295,9 +295,8 @@ def predict(model, paths, args, amp_context, k=5):
         files = data.image_files(paths)
     except FileNotFoundError as e:
         raise SystemExit(f"error: --predict: {e}") from None
-    csv_folder = os.path.dirname(os.path.abspath(args.predict_csv or '.'))
-    if args.predict_csv and (not os.path.isdir(csv_folder) or any(os.path.abspath(f) == os.path.abspath(
-            args.predict_csv) for f in files)):
+    target = args.predict_csv and os.path.abspath(args.predict_csv)
+    if target and (target in map(os.path.abspath, files) or not os.path.isdir(os.path.dirname(target))):
         raise SystemExit(f"error: --predict-csv '{args.predict_csv}' is one of the images, or its folder does not "
                          f"exist: name a new file in an existing folder")
     for path in files:

@@ -12,6 +12,7 @@ the scripts use on GPUs).
     pooled, feature_map = extract_features(classifier, images)
 """
 import difflib
+import functools
 import json
 import math
 import os
@@ -245,11 +246,11 @@ def model_kwargs(name, img_size, pretrain, **overrides):
     if family == VIT and overrides.get('window_size') is not None:
         raise ValueError(f"{name} has no window size (Swin models have one): leave it out")
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    heads = (kw['num_heads'],) if family == VIT else kw['num_heads']
-    for i, h in enumerate(heads if family != SWIN else ()):  # timm's Swin narrows attention to heads x width // heads
-        if kw['embed_dim'] * 2 ** i % h:
-            raise ValueError(f"{name}'s width {kw['embed_dim'] * 2 ** i}" + (f" in stage {i}" if i else '') +
-                             f" is not divisible by its {h} attention heads: choose heads that divide it")
+    if family != SWIN:  # timm's Swin narrows its attention to heads x (width // heads); SwinV2 and BEiT cannot
+        for i, h in enumerate((kw['num_heads'],) if family == VIT else kw['num_heads']):
+            if kw['embed_dim'] * 2 ** i % h:
+                raise ValueError(f"{name}'s width {kw['embed_dim'] * 2 ** i}" + (f" in stage {i}" if i else '') +
+                                 f" is not divisible by its {h} attention heads: choose heads that divide it")
     if family != VIT:
         if len(kw['num_heads']) != len(kw['depths']):
             raise ValueError(f"{len(kw['depths'])} stages (depths {tuple(kw['depths'])}) need as many head counts, "
@@ -342,10 +343,16 @@ def class_names(num_classes, names=None):
     """names, else ImageNet-1k's for 1000 classes (timm's; the first name of each); 'class i' for the outputs past
     them (a classifier of more outputs than named classes)."""
     if not names and num_classes == 1000:
-        info = ImageNetInfo()
-        return [info.index_to_description(i).split(',')[0] for i in range(1000)]
+        return list(imagenet_names())
     names = list(names or [])
     return names + [f'class {i}' for i in range(len(names), num_classes)]
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_names():
+    """ImageNet-1k's class names (timm's; the first of each), read once."""
+    info = ImageNetInfo()
+    return tuple(info.index_to_description(i).split(',')[0] for i in range(1000))
 
 
 def preprocessing(saved, num_classes):
