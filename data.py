@@ -1,38 +1,41 @@
-"""SimMIM data: the mask generator, transforms, an image-folder dataset that survives bad files, and the loader."""
+"""SimMIM data: the mask generator, transforms, an image-folder dataset that survives bad files,
+and the loader. Bad input is a ValueError."""
 import atexit
 import contextlib
 import itertools
 import math
-import multiprocessing
 import os
 import random
 import signal
 import sys
 import warnings
+import weakref
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.npy')
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # a bad image file's
 
 
 class MaskGenerator:
     """Random SimMIM mask on the model's patch grid (1 = masked).
 
-    The image is cut into (input_size / mask_patch_size)^2 cells; ceil(cells * mask_ratio) of them, chosen uniformly
-    at random, are masked, and each cell is repeated to cover mask_patch_size / model_patch_size model patches.
-    Swin at 192px: 22 of 36 cells, a 48x48 mask; ViT at 224px: 30 of 49 cells, a 14x14 mask.
+    The image is cut into (input_size / mask_patch_size)^2 cells; ceil(cells * mask_ratio) of them,
+    chosen uniformly at random, are masked, each repeated to cover mask_patch_size /
+    model_patch_size model patches. Swin at 192px: 22 of 36 cells, a 48x48 mask; ViT at 224px: 30
+    of 49 cells, a 14x14 mask.
     """
 
     def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
         if input_size % mask_patch_size or mask_patch_size % model_patch_size:
-            raise ValueError(f"the mask patch size {mask_patch_size} must divide the image size {input_size} and be a "
-                             f"multiple of the model's patch size {model_patch_size}")
+            raise ValueError(f"the mask patch size {mask_patch_size} must divide the image size "
+                             f"{input_size} and be a multiple of the model's patch size "
+                             f"{model_patch_size}")
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
         self.rand_size = input_size // mask_patch_size
@@ -40,7 +43,7 @@ class MaskGenerator:
         self.mask_count = math.ceil(self.rand_size ** 2 * mask_ratio)
 
     def __call__(self):
-        """-> int64 tensor (input_size / model_patch_size,) * 2, drawn from torch's global generator."""
+        """-> int64 (input_size / model_patch_size,) * 2, drawn from torch's global generator."""
         mask = torch.zeros(self.rand_size ** 2, dtype=torch.int64)
         mask[torch.randperm(self.rand_size ** 2)[:self.mask_count]] = 1
         mask = mask.view(self.rand_size, self.rand_size)
@@ -48,10 +51,14 @@ class MaskGenerator:
 
 
 class ToNormalizedTensor:
-    """8-bit PIL image -> float tensor (C, H, W) = (pixels / 255 - mean) / std: torchvision's ToTensor and Normalize
-    in one pass. A float tensor of 0-1 pixels (load_image's for deeper data) -> (pixels - mean) / std."""
+    """8-bit PIL image -> float tensor (C, H, W) = (pixels / 255 - mean) / std: torchvision's
+    ToTensor and Normalize in one pass. A float tensor of 0-1 pixels (load_image's for deeper
+    data) -> (pixels - mean) / std."""
 
     def __init__(self, mean, std):
+        if mean is None or std is None:
+            raise ValueError("images of other than 1 or 3 channels need a mean and a std for each "
+                             "channel (ImageNet's are the defaults for 3 or 1)")
         self.mean, self.std = list(mean), list(std)
         std = torch.tensor(self.std).view(-1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -torch.tensor(self.mean).view(-1, 1, 1) / std
@@ -62,25 +69,9 @@ class ToNormalizedTensor:
         return torch.addcmul(self.shift, T.functional.pil_to_tensor(img), self.scale)
 
 
-def normalization(in_chans, mean=None, std=None):
-    """ImageNet statistics by default (their channel average for one channel); anything else must be given.
-    -> ToNormalizedTensor, whose .mean and .std the other transforms and the pictures use."""
-    if mean is None and std is None:
-        if in_chans == 3:
-            mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        elif in_chans == 1:
-            mean, std = [sum(IMAGENET_DEFAULT_MEAN) / 3], [sum(IMAGENET_DEFAULT_STD) / 3]
-    if mean is None or std is None or len(mean) != in_chans or len(std) != in_chans:
-        raise ValueError(f"images of {in_chans} channels need a mean and a std for each channel (the defaults are "
-                         f"ImageNet's, for 3 or 1 channels)")
-    if min(std) <= 0:
-        raise ValueError(f"a std must be above 0, got {list(std)}")
-    return ToNormalizedTensor(mean, std)
-
-
 class PretrainTransform:
-    """image -> (normalised tensor, mask): RandomResizedCrop(area scale-1, bilinear), horizontal flip, the mask. The
-    official values: scale 0.67, flip probability 0.5."""
+    """image -> (normalised tensor, mask): RandomResizedCrop (area scale-1, bilinear), horizontal
+    flip, the mask. The official values: scale 0.67, flip probability 0.5."""
 
     def __init__(self, img_size, mask_generator, normalize, scale=0.67, hflip=0.5):
         self.transform = T.Compose([
@@ -96,7 +87,7 @@ class PretrainTransform:
 
 
 def eval_transform(img_size, normalize, crop_pct=224 / 256):
-    """Resize the short side to int(img_size / crop_pct) (bicubic), center crop img_size, normalise."""
+    """Resize the short side to int(img_size / crop_pct) (bicubic), center crop, normalise."""
     return T.Compose([
         T.Resize(int(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(img_size),
@@ -104,19 +95,25 @@ def eval_transform(img_size, normalize, crop_pct=224 / 256):
     ])
 
 
-def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, scale=0.08,
-                       hflip=0.5, color_jitter=0.4):
-    """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic, area scale-1),
-    flip, RandAugment (or without it color jitter), normalisation, random erasing (pixel mode, one box); posterize
-    works with any Pillow. Its ToTensor + Normalize become normalize, which also takes load_image's tensors
-    (RandAugment takes 8-bit images: deeper ones are rounded to 8 bits for it; color jitter 1 or 3 channels)."""
-    transform = create_transform(img_size, is_training=True, scale=(scale, 1.0), hflip=hflip,
-                                 auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
-                                 re_mode='pixel', re_count=1, mean=normalize.mean, std=normalize.std,
-                                 color_jitter=color_jitter or None)
+def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
+                       scale=0.08, hflip=0.5, color_jitter=0.4):
+    """timm's training transform as the official fine-tuning uses it: RandomResizedCrop (bicubic,
+    area scale-1), flip, RandAugment (or without it color jitter), normalisation, random erasing
+    (pixel mode, one box). Its ToTensor + Normalize become normalize, which takes load_image's
+    tensors too; RandAugment gets deeper images rounded to 8 bits, color jitter 1 or 3 channels.
+    An unknown policy is a ValueError."""
+    try:
+        transform = create_transform(
+            img_size, is_training=True, scale=(scale, 1.0), hflip=hflip, re_count=1,
+            auto_augment=auto_augment or None, interpolation='bicubic', re_prob=re_prob,
+            re_mode='pixel', mean=normalize.mean, std=normalize.std,
+            color_jitter=color_jitter or None)
+    except AssertionError:  # timm's answer to an unknown policy
+        raise ValueError(f"--aa '{auto_augment}' is no timm augmentation policy: use e.g. "
+                         f"rand-m9-mstd0.5-inc1 (the official), or '' for none") from None
     steps = [to_8_bit] if auto_augment else []
     for t in transform.transforms:
-        for op in getattr(t, 'ops', []):  # RandAugment's
+        for op in getattr(t, 'ops', []):  # RandAugment's; posterize that any Pillow takes
             if op.name.startswith('Posterize'):
                 op.aug_fn = posterize
         if isinstance(t, T.Normalize):
@@ -129,61 +126,88 @@ def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1',
 
 
 def to_8_bit(img):
-    """A deeper image (load_image's float tensor of 1 or 3 channels) rounded to an 8-bit PIL image, for RandAugment."""
+    """A deeper image (load_image's float tensor, 1 or 3 channels) as an 8-bit PIL image."""
     if not isinstance(img, torch.Tensor):
         return img
-    warnings.warn("images of more than 8 bits are rounded to 8 bits for RandAugment, which takes 8-bit images only; "
-                  "train without RandAugment to keep their precision")
+    warnings.warn("images of more than 8 bits are rounded to 8 bits for RandAugment, which takes "
+                  "8-bit images only; train without RandAugment to keep their precision")
     return T.functional.to_pil_image(img.mul(255).round().to(torch.uint8))
 
 
 def posterize(img, bits_to_keep, **_):
-    """timm's posterize for RandAugment. At the top magnitude it keeps 0 bits: Pillow 13 refuses that, earlier Pillow
-    (the official recipe's) made the image black, as this does."""
+    """timm's posterize for RandAugment. At the top magnitude it keeps 0 bits: Pillow 13 refuses
+    that, earlier Pillow (the official recipe's) made the image black, as this does."""
     if bits_to_keep >= 8:
         return img
-    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def load_image(path, in_chans=3, intensity='type'):
     """Open an image for a model of in_chans channels.
 
-    8-bit images come as PIL images, 'RGB' for 3 channels or 'L' for 1: EXIF orientation applied, transparency on
-    white. Images of more bits (16-bit PNG or TIFF, float TIFF) and .npy arrays (H x W or H x W x C) come as float
-    tensors (in_chans, H, W) of 0-1 pixels, with their precision, by the intensity rule:
-    'type': integers as a fraction of their type's range (0-65535 for 16 bits), floats from their own min-max;
-    'image': each image's own min-max; 'percentile': each image's 0.5-99.5 percentiles; a number: the value that
-    becomes white (4095 for 12-bit data in 16-bit files). Values outside are clipped; NaN becomes black. One channel
+    8-bit images come as PIL images, 'RGB' for 3 channels or 'L' for 1: EXIF orientation applied,
+    transparency on white. Images of more bits (16-bit PNG or TIFF, float TIFF) and .npy arrays
+    (H x W or H x W x C) come as float tensors (in_chans, H, W) of 0-1 pixels, with their
+    precision, by the intensity rule: 'type': integers as a fraction of their type's range
+    (0-65535 for 16 bits), floats from their own min-max; 'image': each image's own min-max;
+    'percentile': each image's 0.5-99.5 percentiles; a number: the value that becomes white (4095
+    for 12-bit data in 16-bit files). Values outside are clipped, NaN becomes black. One channel
     is repeated for 3-channel models, RGB turned grey for 1-channel models.
     """
     if str(path).lower().endswith('.npy'):
         pixels, type_max = np.load(path, allow_pickle=False), None
     else:
-        with Image.open(path) as img:
-            img.load()  # a truncated file fails here
-            if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation; exif_transpose would copy even an upright image
-                img = ImageOps.exif_transpose(img)
+        img = open_image(path)
         if not img.mode.startswith(('I', 'F')):  # 8 bits per channel
-            if in_chans not in (1, 3):
-                raise ValueError(f"{path}: image files give 1 or 3 channels, not {in_chans}; store {in_chans}-channel "
-                                 f"data as .npy arrays (H x W x {in_chans})")
-            if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
-                img = img.convert('RGBA')
-                img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
-            mode = 'L' if in_chans == 1 else 'RGB'
-            return img if img.mode == mode else img.convert(mode)
-        sixteen = img.mode.startswith('I;16') or img.format == 'PNG'  # older Pillow reads 16-bit PNGs as 'I'
-        pixels, type_max = np.asarray(img), (65535 if sixteen else None)  # else the array type's: 32-bit TIFF
+            return eight_bit(img, path, in_chans)
+        sixteen = img.mode.startswith('I;16') or img.format == 'PNG'  # older Pillow: 'I'
+        pixels = np.asarray(img)
+        type_max = 65535 if sixteen else None  # else the array type's: 32-bit TIFF
     if pixels.dtype.kind in 'ui':
         type_max = type_max or np.iinfo(pixels.dtype).max
     elif pixels.dtype.kind != 'f':
         raise ValueError(f"{path}: an array of {pixels.dtype}, not of numbers")
     pixels = pixels.astype(np.float32)
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1) if pixels.ndim == 3 else None
-    if pixels is None or not pixels.size:
+    if pixels.ndim not in (2, 3) or not pixels.size:
         raise ValueError(f"{path}: not an image (H x W or H x W x C)")
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     if len(pixels) != in_chans and (len(pixels), in_chans) not in ((1, 3), (3, 1)):
-        raise ValueError(f"{path} has {len(pixels)} channels, the model takes {in_chans} (--in-chans)")
+        raise ValueError(f"{path} has {len(pixels)} channels, the model takes {in_chans} "
+                         f"(--in-chans)")
+    pixels = torch.from_numpy(to_unit_range(pixels, intensity, type_max, path))
+    if len(pixels) == 1 and in_chans == 3:
+        return pixels.expand(3, -1, -1).clone()
+    if len(pixels) == 3 and in_chans == 1:  # as PIL's 'L'
+        return torch.tensordot(torch.tensor([0.299, 0.587, 0.114]), pixels, 1)[None]
+    return pixels
+
+
+def open_image(path):
+    """A PIL image, loaded whole (a truncated file fails here), turned upright by its EXIF tag."""
+    with Image.open(path) as img:
+        img.load()
+    if img.getexif().get(0x0112, 1) != 1:  # exif_transpose would copy even an upright image
+        img = ImageOps.exif_transpose(img)
+    return img
+
+
+def eight_bit(img, path, in_chans):
+    """An 8-bit PIL image as 'L' (1 channel) or 'RGB' (3), transparency on white."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"{path}: image files give 1 or 3 channels, not {in_chans}; store "
+                         f"{in_chans}-channel data as .npy arrays (H x W x {in_chans})")
+    if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
+        img = img.convert('RGBA')
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    mode = 'L' if in_chans == 1 else 'RGB'
+    return img if img.mode == mode else img.convert(mode)
+
+
+def to_unit_range(pixels, intensity, type_max, path):
+    """float32 pixels (C, H, W) -> 0-1 by load_image's intensity rule."""
     finite = pixels[np.isfinite(pixels)]
     if intensity not in ('type', 'image', 'percentile'):
         low, high = 0., float(intensity)
@@ -195,40 +219,50 @@ def load_image(path, in_chans=3, intensity='type'):
         low, high = np.percentile(finite, (0.5, 99.5))
     else:  # 'image', and floats under 'type'
         low, high = finite.min(), finite.max()
-    if intensity == 'type' and type_max and finite.size and finite.max() < type_max / 16 and not _warned:
+    dim = intensity == 'type' and type_max and finite.size and finite.max() < type_max / 16
+    if dim and not _warned:
         _warned.append(path)
-        warnings.warn(f"{path}: its pixels reach {finite.max():.0f} of {type_max} (12-bit data in 16-bit files?), so "
-                      f"it reads nearly black with the 'type' intensity rule; give the data's maximum, 'image' or "
-                      f"'percentile' instead")
-    pixels = (np.clip(np.nan_to_num(pixels, nan=low), low, high) - low) / max(high - low, 1e-12)
-    pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-    if len(pixels) == 1 and in_chans == 3:
-        return pixels.expand(3, -1, -1).clone()
-    if len(pixels) == 3 and in_chans == 1:
-        return torch.tensordot(torch.tensor([0.299, 0.587, 0.114]), pixels, 1)[None]  # as PIL's 'L'
-    return pixels
+        warnings.warn(f"{path}: its pixels reach {finite.max():.0f} of {type_max} (12-bit data in "
+                      f"16-bit files?), so it reads nearly black with the 'type' intensity rule; "
+                      f"give the data's maximum, 'image' or 'percentile' instead")
+    pixels = np.clip(np.nan_to_num(pixels, nan=low), low, high)
+    return np.ascontiguousarray((pixels - low) / max(high - low, 1e-12), dtype=np.float32)
 
 
 _warned = []  # load_image warns once per process of data using a small part of its type's range
 
 
 def find_images(root):
-    """All image files under root, recursively, sorted; labels from the first-level folders when every image is in
-    one (ImageNet layout), else -1. -> (samples [(path, label)], class names).
+    """All image files under root, recursively, sorted; labels from the first-level folders when
+    every image is in one (ImageNet layout), else -1. -> (samples [(path, label)], class names).
 
-    Links are followed, but each real folder is read once (a link back up the tree is skipped with a warning);
-    hidden files and folders (names starting with '.') and anything that is not a regular file (a FIFO, a socket)
-    are left out; unreadable folders are skipped with a warning. Large trees report progress every 100,000 images."""
+    Links are followed, each real folder read once (a link back up the tree is skipped with a
+    warning); hidden files and folders and anything that is not a regular file (a FIFO, a socket)
+    are left out; unreadable folders are skipped with a warning. Large trees report progress."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data path '{root}' is not a folder; point the data path at a folder of images")
+        raise ValueError(f"data path '{root}' is not a folder; point the data path at a folder "
+                         f"of images")
+    paths = scan(root)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under '{root}'")
+    tops = [os.path.relpath(p, root).split(os.sep)[0] for p in paths]
+    if any(t == os.path.relpath(p, root) for t, p in zip(tops, paths)):  # an image in root
+        return [(p, -1) for p in paths], []
+    classes = sorted(set(tops))
+    index = {c: i for i, c in enumerate(classes)}
+    return [(p, index[t]) for p, t in zip(paths, tops)], classes
+
+
+def scan(root):
+    """find_images' search: the sorted paths of the image files under root."""
     paths, seen, folders = [], set(), [root]
     while folders:
         folder = folders.pop()
         try:
             info = os.stat(folder)
             if (info.st_dev, info.st_ino) in seen:
-                warnings.warn(f"skipping {folder}: it leads back to a folder already scanned (a link cycle or a "
-                              f"second link to the same folder)")
+                warnings.warn(f"skipping {folder}: it leads back to a folder already scanned (a "
+                              f"link cycle or a second link to the same folder)")
                 continue
             seen.add((info.st_dev, info.st_ino))
             entries = list(os.scandir(folder))
@@ -244,62 +278,49 @@ def find_images(root):
                 elif entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file():
                     paths.append(entry.path)
                     if len(paths) % 100_000 == 0 and os.environ.get('RANK', '0') == '0':
-                        print(f"scanning {root}: {len(paths):,} images so far", file=sys.stderr, flush=True)
+                        print(f"scanning {root}: {len(paths):,} images so far", file=sys.stderr,
+                              flush=True)
             except OSError:  # a broken link, or a file removed meanwhile
                 continue
-    paths.sort()
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under '{root}'")
-    tops = [os.path.relpath(p, root).split(os.sep)[0] for p in paths]
-    if any(t == os.path.relpath(p, root) for t, p in zip(tops, paths)):  # some image lies directly in root
-        return [(p, -1) for p in paths], []
-    classes = sorted(set(tops))
-    index = {c: i for i, c in enumerate(classes)}
-    return [(p, index[t]) for p, t in zip(paths, tops)], classes
+    return sorted(paths)
 
 
 def image_files(paths):
-    """The image files named by paths, in order: files as they are, folders searched as find_images does."""
+    """The image files named by paths, in order: files as they are, folders as find_images."""
     files = []
     for path in paths:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"'{path}' does not exist")
-        if not (os.path.isdir(path) or os.path.isfile(path)):  # a FIFO or a device would block the read
-            raise FileNotFoundError(f"'{path}' is neither a file nor a folder; give image files or folders")
-        files += [p for p, _ in find_images(path)[0]] if os.path.isdir(path) else [str(path)]
+            raise ValueError(f"'{path}' does not exist")
+        if os.path.isdir(path):
+            files += [p for p, _ in find_images(path)[0]]
+        elif os.path.isfile(path):
+            files.append(str(path))
+        else:  # a FIFO or a device would block the read
+            raise ValueError(f"'{path}' is neither a file nor a folder; give image files or "
+                             f"folders")
     return files
 
 
 class ImageDataset(Dataset):
-    """Images under a folder (recursively) -> (transform(image), label, skipped); images as load_image reads them.
-
-    A file that cannot be read is skipped with a warning naming it, and the next one is used instead; `skipped` counts
-    such files so that the training log can report them. An index may come as (index, seed) from SeededSampler: the
-    transform then runs under that seed (see seeded), so augmentations and masks do not depend on workers or restarts.
-    """
+    """Images under a folder (recursively) -> (transform(image), label, skipped), read by
+    load_image. A file that cannot be read is skipped with a warning naming it and the next one
+    used instead; `skipped` counts them for the training log. An index may come as (index, seed)
+    from SeededSampler: the transform then runs under that seed (see seeded), so augmentations
+    and masks depend on neither workers nor restarts. classes: the names the labels index (e.g.
+    val/ labelled with train/'s classes)."""
 
     def __init__(self, root, transform, in_chans=3, classes=None, intensity='type'):
         self.root, self.intensity = root, intensity
         samples, self.classes = find_images(root)
         files = [p for p, _ in samples if not p.lower().endswith('.npy')]
         if in_chans not in (1, 3) and files:
-            raise ValueError(f"'{root}' holds image files (e.g. {files[0]}), which give 1 or 3 channels, not "
-                             f"{in_chans}; store {in_chans}-channel data as .npy arrays (H x W x {in_chans})")
-        if classes is not None:  # e.g. val/ labelled with train/'s class indices
-            stray = [p for p, _ in samples if os.sep not in os.path.relpath(p, root)]
-            if stray:
-                raise ValueError(f"'{root}' has images outside the class folders (e.g. {stray[0]}): put each in "
-                                 f"the folder of its class")
-            unknown = sorted(set(self.classes) - set(classes))
-            if unknown:
-                raise ValueError(f"'{root}' has class folders that are not among the {len(classes)} classes it is "
-                                 f"labelled with ({', '.join(classes[:5])}{', ...' * (len(classes) > 5)}): "
-                                 f"{', '.join(unknown[:5])}")
-            index = {c: i for i, c in enumerate(classes)}
-            samples = [(p, index[self.classes[label]]) for p, label in samples]
-            self.classes = list(classes)
-        # Paths in one byte array, not a list of str: loader workers touching a list's reference counts would each
-        # end up with a private copy of it (hundreds of MB per worker at ImageNet scale).
+            raise ValueError(f"'{root}' holds image files (e.g. {files[0]}), which give 1 or 3 "
+                             f"channels, not {in_chans}; store {in_chans}-channel data as .npy "
+                             f"arrays (H x W x {in_chans})")
+        if classes is not None:
+            samples = self.relabel(samples, classes)
+        # Paths in one byte array, not a list of str: loader workers touching a list's reference
+        # counts would each end up with a private copy (hundreds of MB per worker on ImageNet).
         paths = [os.fsencode(p) for p, _ in samples]
         self.paths = np.frombuffer(b''.join(paths), dtype=np.uint8)
         self.ends = np.cumsum([len(p) for p in paths])
@@ -307,13 +328,30 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.in_chans = in_chans
 
+    def relabel(self, samples, classes):
+        """samples labelled by their folder's index in classes."""
+        stray = [p for p, _ in samples if os.sep not in os.path.relpath(p, self.root)]
+        if stray:
+            raise ValueError(f"'{self.root}' has images outside the class folders (e.g. "
+                             f"{stray[0]}): put each in the folder of its class")
+        unknown = sorted(set(self.classes) - set(classes))
+        if unknown:
+            shown = ', '.join(classes[:5]) + ', ...' * (len(classes) > 5)
+            raise ValueError(f"'{self.root}' has class folders that are not among the "
+                             f"{len(classes)} classes it is labelled with ({shown}): "
+                             f"{', '.join(unknown[:5])}")
+        index = {c: i for i, c in enumerate(classes)}
+        found, self.classes = self.classes, list(classes)
+        return [(p, index[found[label]]) for p, label in samples]
+
     def __len__(self):
         return len(self.labels)
 
     def sample(self, index):
         """-> (path, label) of image index."""
         start = self.ends[index - 1] if index else 0
-        return os.fsdecode(self.paths[start:self.ends[index]].tobytes()), int(self.labels[index])
+        path = os.fsdecode(self.paths[start:self.ends[index]].tobytes())
+        return path, int(self.labels[index])
 
     def load(self, index):
         """-> (image, label, skipped): the image at index, or the next readable one."""
@@ -324,7 +362,8 @@ class ImageDataset(Dataset):
             except UNREADABLE as e:
                 warnings.warn(f"skipping unreadable image {path}: {e}")
                 last = e
-        raise ValueError(f"none of the {len(self)} image files under '{self.root}' could be read (the last: {last})")
+        raise ValueError(f"none of the {len(self)} image files under '{self.root}' could be read "
+                         f"(the last: {last})")
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -336,32 +375,39 @@ class ImageDataset(Dataset):
 
 
 def folder_stats(dataset, max_images=1000):
-    """Per-channel mean and std of the pixels (0-1 scale) of up to max_images images spread over dataset, as it loads
-    them (unreadable ones left out): the normalisation that brings the data to mean 0 and std 1.
+    """Per-channel mean and std of the 0-1 pixels of up to max_images images spread over dataset
+    (unreadable ones left out): the normalisation to mean 0 and std 1.
     -> (mean list, std list, images used)."""
-    index = sorted(set(np.linspace(0, len(dataset) - 1, min(max_images, len(dataset))).round().astype(int).tolist()))
-    total = squares = count = used = 0
-    for i in index:
+    count = min(max_images, len(dataset))
+    index = np.linspace(0, len(dataset) - 1, count).round().astype(int)
+    total = squares = pixels_seen = used = 0
+    for i in sorted(set(index.tolist())):
+        path = dataset.sample(i)[0]
         try:
-            img = load_image(dataset.sample(i)[0], dataset.in_chans, dataset.intensity)
+            img = load_image(path, dataset.in_chans, dataset.intensity)
         except UNREADABLE as e:
-            warnings.warn(f"skipping unreadable image {dataset.sample(i)[0]}: {e}")
+            warnings.warn(f"skipping unreadable image {path}: {e}")
             continue
         used += 1
-        pixels = img.double() if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img).double() / 255
-        pixels = pixels.flatten(1)
-        total, squares, count = total + pixels.sum(1), squares + pixels.square().sum(1), count + pixels.shape[1]
+        if not isinstance(img, torch.Tensor):
+            img = T.functional.pil_to_tensor(img).double() / 255
+        pixels = img.double().flatten(1)
+        total = total + pixels.sum(1)
+        squares = squares + pixels.square().sum(1)
+        pixels_seen += pixels.shape[1]
     if not used:
-        raise ValueError(f"none of the {len(index)} image files tried under '{dataset.root}' could be read")
-    mean = total / count
-    return mean.tolist(), (squares / count - mean.square()).clamp(min=0).sqrt().tolist(), used
+        raise ValueError(f"none of the {count} image files tried under '{dataset.root}' could be "
+                         f"read")
+    mean = total / pixels_seen
+    std = (squares / pixels_seen - mean.square()).clamp(min=0).sqrt()
+    return mean.tolist(), std.tolist(), used
 
 
 @contextlib.contextmanager
 def seeded(seed):
-    """Run under seed in the global generators the transforms draw from: torch's CPU one (torchvision, the mask),
-    Python's and numpy's (timm's crop, RandAugment and erasing); they are restored afterwards. torch.manual_seed would
-    also queue GPU seeding and record a stack trace, for every image."""
+    """Run under seed in the global generators the transforms draw from: torch's CPU one
+    (torchvision, the mask), Python's and numpy's (timm's crop, RandAugment and erasing); they are
+    restored afterwards. torch.manual_seed would also queue GPU seeding, for every image."""
     python, numpy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
@@ -375,9 +421,9 @@ def seeded(seed):
 
 
 class SeededSampler(DistributedSampler):
-    """DistributedSampler (also for a single process) that hands each index out with a seed derived from
-    (seed, epoch, index): the order and every sample's random augmentation are a function of the epoch alone.
-    set_epoch(epoch, skip) starts the epoch's order after its first `skip` indices (a run resumed mid-epoch)."""
+    """DistributedSampler (also for one process) that hands each index out with a seed derived
+    from (seed, epoch, index): the order and every sample's augmentation are a function of the
+    epoch alone. set_epoch(epoch, skip) starts after the first `skip` indices (a resumed epoch)."""
     skip = 0
 
     def set_epoch(self, epoch, skip=0):
@@ -390,28 +436,35 @@ class SeededSampler(DistributedSampler):
 
 
 def build_loader(dataset, batch_size, num_workers, seed, world_size=1, rank=0, train=True):
-    """Training: shuffled per epoch (call loader.sampler.set_epoch), incomplete last batch dropped.
-    Evaluation: in order, rank r takes images r, r + world_size, ...: every image exactly once over all ranks."""
-    sampler = SeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed) if train \
-        else range(rank, len(dataset), world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, drop_last=train,
-                      worker_init_fn=ignore_sigterm)
+    """Training: shuffled per epoch (loader.sampler.set_epoch), the incomplete last batch dropped.
+    Evaluation: in order, rank r takes images r, r + world_size, ...: each once over all ranks."""
+    if train:
+        sampler = SeededSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+    else:
+        sampler = range(rank, len(dataset), world_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                        num_workers=num_workers, persistent_workers=num_workers > 0,
+                        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigterm)
+    if num_workers:
+        atexit.register(end_workers, weakref.ref(loader))  # runs before multiprocessing's own
+    return loader
 
 
 def ignore_sigterm(worker_id):
-    """Loader workers leave SIGTERM to the training process. Schedulers signal every process of a job (or its process
-    group): a worker that died of it would end the run with a traceback before the training process had saved its
-    checkpoint. The workers still end with the run: the loader stops them, or they see their parent gone."""
+    """Loader workers leave SIGTERM to the training process. Schedulers signal every process of a
+    job: a worker that died of it would end the run with a traceback before the training process
+    saved its checkpoint. The workers still end with the run: the loader stops them, or they see
+    their parent gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-@atexit.register  # runs before multiprocessing's own exit handler, registered earlier
-def end_loader_workers():
-    """Python ends daemonic children at exit with SIGTERM and waits for them; loader workers ignore SIGTERM, so a
-    process leaving past a live loader (an error, Ctrl-C) would wait forever. SIGKILL them first instead."""
-    children = [child for child in multiprocessing.active_children() if child.daemon]
-    if children:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would report their deaths as errors
-    for child in children:
-        child.kill()
+def end_workers(loader):
+    """At exit, SIGKILL the workers of a loader that is still alive (loader: a weak reference).
+    Python ends daemonic children with SIGTERM and waits for them; loader workers ignore SIGTERM,
+    so a process leaving past a live loader (an error, Ctrl-C) would wait forever."""
+    iterator = getattr(loader(), '_iterator', None)
+    workers = [w for w in getattr(iterator, '_workers', []) if w.is_alive()]
+    if workers:  # the loader's SIGCHLD handler would report their deaths as errors
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()

@@ -1,79 +1,184 @@
 """SimMIM pretraining.
 
-    python pretrain.py --model swin_tiny --epochs 50             # the bundled demo images, one process (CPU or GPU)
+    python pretrain.py --model swin_tiny --epochs 50     # the bundled demo images, one process
     torchrun --nproc_per_node 8 pretrain.py --model swin_base --data-path /data/imagenet/train
 
-Defaults are the paper's Swin-B recipe: 192px, window 6, 100 epochs, lr 2e-4 per 512 images. The run machinery
-(distributed run, optimizer, AMP step, checkpoints, logging) is engine.py's, shared with finetune.py.
+Defaults are the paper's Swin-B recipe (RECIPE): 192px, window 6, 100 epochs, lr 2e-4 per 512
+images. The run machinery (distributed run, AMP step, the loop, resume) is engine.py's, shared
+with finetune.py; checkpoint files are checkpoints.py's.
 """
+import dataclasses
 import itertools
 import os
 
 import torch
 import torchvision
 
+import checkpoints
 import data
 import engine
 import models
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
-# What continued pretraining, a resumed run and --reconstruct take from the checkpoint unless given
-CHECKPOINT_FLAGS = engine.ARCH_FLAGS + ('img_size', 'window_size', 'mask_patch_size', 'norm_target_window')
-# Besides engine.TRAJECTORY_FLAGS, what a resumed pretraining must keep
-PRETRAIN_FLAGS = ('mask_patch_size', 'mask_ratio', 'norm_target_window', 'scale', 'hflip')
+# The paper's Swin-B recipe: the defaults of the flags that set what a run trains
+RECIPE = dict(epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5,
+              **engine.OPTIMIZATION, mask_patch_size=32, mask_ratio=0.6, scale=0.67, hflip=0.5,
+              data_path=DEMO_DATA, pretrained=None)
+# What continued pretraining, a resumed run and --reconstruct take from their checkpoint unless given
+KEPT = models.SHAPE + ('mean', 'std', 'intensity', 'norm_target_window')
 
 
 def get_args_parser():
-    p = engine.Parser(description='SimMIM pretraining', formatter_class=engine.HelpFormatter)
-    g = p.add_argument_group('model')
-    g.add_argument('--model', default=None, choices=list(models.MODELS),
-                   help="encoder (default: --pretrained's, else swin_base)")
-    g.add_argument('--img-size', type=engine.SIZE, default=None,
-                   help="input size in pixels (default: the checkpoint's, else 192 Swin, 224 ViT)")
-    engine.add_arch_args(g)
-    g.add_argument('--pretrained', default=None,
-                   help='continue pretraining from (or --reconstruct with) these weights: a file of any supported '
-                        'layout, a Hugging Face folder or a published name (README); the decoder too if present')
+    p = engine.Parser('SimMIM pretraining', RECIPE, 'output/simmim_pretrain', compile='auto')
+    p.model.add_argument('--pretrained',
+                         help='continue pretraining from (or --reconstruct with) these weights: a '
+                              'file of any supported layout, a Hugging Face folder or a published '
+                              'name (README); the decoder too if present')
+    p.model.add_argument('--norm-target-window', type=engine.number('[0, inf)', int),
+                         help="regress pixels normalised over this odd window (SwinV2 configs: "
+                              "47); 0 = raw pixels (default: the checkpoint's, else 0)")
     g = p.add_argument_group('masking')
-    g.add_argument('--mask-patch-size', type=engine.SIZE, default=None,
-                   help="side of a masked square, pixels (default: the checkpoint's, else 32)")
-    g.add_argument('--mask-ratio', type=engine.number('(0, 1)'), default=0.6, help='fraction of masked squares')
-    g.add_argument('--norm-target-window', type=engine.COUNT, default=None,
-                   help="regress pixels normalised over this odd window (SwinV2 configs: 47); 0 = raw pixels "
-                        "(default: the checkpoint's, else 0)")
-    g = p.add_argument_group('data')
-    engine.add_data_args(g, 'folder of images, searched recursively (labels unused); default: the bundled demo/ images')
-    g.add_argument('--scale', type=engine.FRACTION, default=0.67,
-                   help='RandomResizedCrop: smallest crop, a fraction of the area')
-    g.add_argument('--hflip', type=engine.PROBABILITY, default=0.5,
-                   help='horizontal flip probability (0 where sides differ: X-rays, text)')
-    g.add_argument('--stats', action='store_true', help='print the --mean and --std of the data (up to 1000 images '
-                                                        'spread over it) and exit')
-    g.add_argument('--reconstruct', nargs='+', default=None, metavar='IMG',
-                   help='draw the reconstructions of these images (files or folders) by the --pretrained model into '
-                        'OUTPUT/reconstruction_N.png (8 a picture; the mask: --mask-ratio, --seed) and exit')
-    engine.add_optim_args(p, epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5)
-    engine.add_run_args(p, output='output/simmim_pretrain', compile='auto')
+    g.add_argument('--mask-patch-size', type=engine.number('[1, inf)', int),
+                   help="side of a masked square, pixels (the checkpoint's if any)")
+    g.add_argument('--mask-ratio', type=engine.number('(0, 1)'), help='fraction masked')
+    p.data.add_argument('--data-path', help='folder of images, searched recursively (labels '
+                                            'unused); default: the bundled demo/ images')
+    p.data.add_argument('--scale', type=engine.number('(0, 1]'),
+                        help='RandomResizedCrop: smallest crop, a fraction of the area')
+    p.data.add_argument('--hflip', type=engine.number('[0, 1]'),
+                        help='horizontal flip probability (0 where sides differ: X-rays, text)')
+    p.data.add_argument('--stats', action='store_true',
+                        help='print the --mean and --std of the data (up to 1000 images spread '
+                             'over it) and exit')
+    p.data.add_argument('--reconstruct', nargs='+', metavar='IMG',
+                        help='draw the reconstructions of these images (files or folders) by the '
+                             '--pretrained model into OUTPUT/reconstruction_N.png (8 a picture; '
+                             'the mask: --mask-ratio, --seed) and exit')
     return p
 
 
+def main(args):
+    body = stats if args.stats else reconstruct if args.reconstruct else pretrain
+    engine.launch(body, args)
+
+
+def settings(args, run, resume=True):
+    """The run's settings, decided once: the flags given, else a resumed run's (if resume) or
+    --pretrained's, else the recipe's. -> (model config, recipe, resumed, source checkpoint)."""
+    resumed = None
+    if resume:
+        resumed = checkpoints.find_resume(args.output, args.resume, args.auto_resume,
+                                          allow_pickle=args.allow_pickle, say=run.print)
+    if resumed and resumed.kind != 'pretrain':
+        raise ValueError(f"'{resumed.path}' is no pretrain.py checkpoint, so pretraining cannot "
+                         f"resume from it; start from its weights with --pretrained")
+    source = resumed
+    if args.pretrained and not resumed:
+        source = checkpoints.read(args.pretrained, args.allow_pickle)
+    inherited = resumed.recipe if resumed else {}  # a resumed run: all it is not given
+    if source and not resumed:  # continued pretraining: its mask squares
+        inherited = {'mask_patch_size': source.recipe.get('mask_patch_size')}
+    recipe = engine.recipe(args, run.world_size, RECIPE, inherited)
+    given = {k: getattr(args, k, None) for k in models.FIELDS}
+    if resumed:
+        saved = dict(resumed.recipe, **resumed.config)
+        engine.check_changes(run, resumed.path, saved, dict(recipe, **given), args.accept_changes)
+    fields = models.inherit(source.config, given, KEPT) if source else given
+    config = models.model_config(pretrain=True, **fields)
+    return config, recipe, resumed, source
+
+
+def pretrain(args, run):
+    config, recipe, resumed, source = settings(args, run)
+    torch.manual_seed(recipe['seed'] + run.rank)
+    model = models.build_simmim(config, drop_path_rate=recipe['drop_path'],
+                                 use_checkpoint=args.use_checkpoint)
+    if source and not resumed:
+        run.print(source.load_into(model))
+    mask_generator = masking(config, recipe, run)
+    normalize = data.ToNormalizedTensor(config.mean, config.std)
+    transform = data.PretrainTransform(config.img_size, mask_generator, normalize,
+                                       recipe['scale'], recipe['hflip'])
+    if args.data_path is None:
+        run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
+    dataset = data.ImageDataset(recipe['data_path'], transform, config.in_chans,
+                                intensity=config.intensity)
+    dataset.load(0)  # at least one readable image, else one clear error now, not in a worker
+    loader = data.build_loader(dataset, args.batch_size, args.num_workers, recipe['seed'],
+                               run.world_size, run.rank)
+    schedule = engine.Schedule(recipe, len(loader), run.world_size)
+    model.to(run.device)
+    models.use_fused_attention(model, run.device.type == 'cuda')
+
+    # AdamW with the official weight decay, the per-step schedule with linear warmup
+    groups = models.param_groups(model, recipe['weight_decay'])
+    optimizer = engine.build_optimizer(groups, schedule.lr)
+    trainer = engine.Trainer(model, optimizer, schedule, recipe, args, run)
+    run.print(f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{config.img_size}px, mask {recipe['mask_ratio']} of {recipe['mask_patch_size']}px "
+              f"squares; {len(dataset):,} images in {recipe['data_path']}")
+    run.print(f"{schedule}; amp {trainer.amp}; device {run.device}")
+    run.print(f"normalisation: mean {list(config.mean)} std {list(config.std)} of 0-1 pixels; "
+              f"intensity {config.intensity}")
+    picture = os.path.join(args.output, 'reconstruction_{}.png')
+    if run.main:
+        shown = data.eval_transform(config.img_size, normalize, crop_pct=1.0)
+        pictures = picture_batch(dataset, shown, mask_generator, run.device)
+        if not resumed:
+            run.make_output()
+            save_reconstructions(model, *pictures, config, picture.format('start'))
+
+    # the loss: the L1 distance of the reconstructed pixels in the masked squares (models.SimMIM)
+    def loss_fn(batch):
+        (images, masks), _, _ = batch
+        images = images.to(run.device, non_blocking=True)
+        return trainer.wrapped(images, masks.to(run.device, non_blocking=True))
+
+    def end_epoch(epoch, numbered):
+        if numbered and run.main:
+            name = 'end' if epoch + 1 == schedule.epochs else f'epoch_{epoch}'
+            save_reconstructions(model, *pictures, config, picture.format(name))
+        return []
+
+    entries = dict(kind='pretrain', config=dataclasses.asdict(config), recipe=recipe)
+    if engine.fit(trainer, loader, loss_fn, resumed, entries, end_epoch):
+        run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in "
+                  f"{args.output}")
+
+
+def masking(config, recipe, run):
+    """The mask generator of the recipe; a warning when few squares remain to mask."""
+    size, square, patch = config.img_size, recipe['mask_patch_size'], config.patch_size
+    generator = data.MaskGenerator(size, square, patch, recipe['mask_ratio'])
+    cells = (size // square) ** 2
+    if cells < 16:  # the paper's: 36 (Swin) and 49 (ViT)
+        fits = [d for d in range(patch, size // 4 + 1, patch) if size % d == 0]
+        hint = f"; --mask-patch-size {fits[-1]} gives {(size // fits[-1]) ** 2}" if fits else ''
+        run.print(f"warning: {square}px mask squares cut {size}px images into only {cells} "
+                  f"cells{hint}")
+    return generator
+
+
 @torch.no_grad()
-def save_reconstructions(model, images, masks, normalize, path):
-    """A PNG grid, one row per image: original | masked input | reconstruction | reconstruction in the masked part."""
+def save_reconstructions(model, images, masks, config, path):
+    """A PNG grid, a row per image: original | masked input | reconstruction | reconstruction in
+    the masked squares."""
     was_training = model.training
     rec = model.eval().reconstruct(images, masks).float()
     model.train(was_training)
-    mean, std = (torch.tensor(v, device=images.device).view(1, -1, 1, 1) for v in (normalize.mean, normalize.std))
+    mean, std = (torch.tensor(v, device=images.device).view(1, -1, 1, 1)
+                 for v in (config.mean, config.std))
     images, rec = (images * std + mean).clamp(0, 1), (rec * std + mean).clamp(0, 1)
     p = model.patch_size
     m = masks.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(images.dtype)
-    grid = torch.stack([images, images * (1 - m) + 0.5 * m, rec, images * (1 - m) + rec * m], 1).flatten(0, 1)
-    grid = grid[:, :3] if grid.shape[1] > 3 else grid  # more channels: the first three shown
-    engine.save_atomic(lambda f: torchvision.utils.save_image(grid.cpu(), f, nrow=4, padding=2, format='PNG'), path)
+    rows = [images, images * (1 - m) + 0.5 * m, rec, images * (1 - m) + rec * m]
+    grid = torch.stack(rows, 1).flatten(0, 1)[:, :3]  # more channels: the first three shown
+    write = lambda f: torchvision.utils.save_image(grid.cpu(), f, nrow=4, padding=2, format='PNG')
+    checkpoints.save_atomic(write, path)
 
 
 def picture_batch(dataset, transform, mask_generator, device, n=8):
-    """A fixed batch for the pictures: n images spread over the dataset, center-cropped, with a fixed mask."""
+    """The pictures' batch: n images spread over the dataset, center-cropped, with fixed masks."""
     index = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
     images = torch.stack([transform(dataset.load(i)[0]) for i in index])
     with torch.random.fork_rng(devices=[]):
@@ -82,156 +187,60 @@ def picture_batch(dataset, transform, mask_generator, device, n=8):
     return images.to(device), masks.to(device)
 
 
-def main(args):
-    engine.launch(stats if args.stats else reconstruct if args.reconstruct else pretrain, args)
-
-
 def stats(args, run):
-    """--stats: the --mean and --std that normalise --data-path (under --intensity) to mean 0 and std 1."""
-    args.in_chans, args.intensity = args.in_chans or 3, args.intensity or 'type'
-    try:
-        dataset = data.ImageDataset(args.data_path or DEMO_DATA, None, args.in_chans, intensity=args.intensity)
-        mean, std, n = data.folder_stats(dataset)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    run.print(f"{n} of {len(dataset)} images in {dataset.root}, {args.in_chans} channels, intensity {args.intensity}: "
-              f"--mean {' '.join(f'{v:.4f}' for v in mean)} --std {' '.join(f'{v:.4f}' for v in std)}")
-
-
-def build_model(args, run, source=None):
-    """The SimMIM model of args, with the --pretrained weights (source) if any, its normalisation and mask generator."""
-    args.model, args.mask_patch_size = args.model or 'swin_base', args.mask_patch_size or 32
-    args.norm_target_window = args.norm_target_window or 0
-    try:
-        model = models.build_simmim(args.model, args.img_size, args.norm_target_window, args.use_checkpoint,
-                                    **engine.arch_overrides(args))
-        args.img_size, args.in_chans = model.encoder.patch_embed.img_size[0], model.in_chans
-        if source:
-            engine.load_pretrained(model, source, args.pretrained, run)
-        normalize = engine.normalization(args)
-        mask_generator = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if (args.img_size // args.mask_patch_size) ** 2 < 16:  # the paper's: 36 (Swin) and 49 (ViT)
-        fits = [d for d in range(model.patch_size, args.img_size // 4 + 1, model.patch_size) if args.img_size % d == 0]
-        run.print(f"warning: {args.mask_patch_size}px mask squares cut {args.img_size}px images into only "
-                  f"{(args.img_size // args.mask_patch_size) ** 2} cells"
-                  + (f"; --mask-patch-size {fits[-1]} gives {(args.img_size // fits[-1]) ** 2}" if fits else ''))
-    return model, normalize, mask_generator
+    """--stats: the --mean and --std that normalise --data-path (under --intensity) to mean 0 and
+    std 1."""
+    given = {k: getattr(args, k) for k in ('in_chans', 'intensity') if getattr(args, k)}
+    dataset = data.ImageDataset(args.data_path or DEMO_DATA, None, **given)
+    mean, std, n = data.folder_stats(dataset)
+    run.print(f"{n} of {len(dataset)} images in {dataset.root}, {dataset.in_chans} channels, "
+              f"intensity {dataset.intensity}: --mean {' '.join(f'{v:.4f}' for v in mean)} "
+              f"--std {' '.join(f'{v:.4f}' for v in std)}")
 
 
 def reconstruct(args, run):
-    """--reconstruct: the training's pictures (original | masked | reconstruction | pasted) of these images, by the
-    --pretrained model at its own size, a mask of --mask-ratio drawn with --seed; 8 images a picture."""
+    """--reconstruct: the training's pictures of these images by the --pretrained model at its
+    own size, a mask of --mask-ratio drawn with --seed; 8 images a picture."""
     if not args.pretrained:
-        raise SystemExit("error: --reconstruct draws with pretrained weights: pass --pretrained PATH (a checkpoint, "
-                         "a Hugging Face folder or a published name)")
+        raise ValueError("--reconstruct draws with pretrained weights: pass --pretrained PATH (a "
+                         "checkpoint, a Hugging Face folder or a published name)")
     try:
         files = data.image_files(args.reconstruct)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --reconstruct: {e}") from None
-    source = engine.load_checkpoint(args.pretrained, args.allow_pickle, run)
-    if not any(k.endswith('decoder.0.weight') for k in models.to_timm_layout(source)[0]):
-        raise SystemExit(f"error: '{args.pretrained}' holds no SimMIM decoder (a classifier?): reconstructions need "
-                         f"pretraining weights")
-    engine.inherit(args, source['args'], CHECKPOINT_FLAGS)
-    model, normalize, mask_generator = build_model(args, run, source)
-    transform = data.eval_transform(args.img_size, normalize, crop_pct=1.0)
-    engine.make_output(args.output)
+    except ValueError as e:
+        raise ValueError(f"--reconstruct: {e}") from None
+    config, recipe, _, source = settings(args, run, resume=False)
+    if not source.simmim:
+        raise ValueError(f"'{args.pretrained}' holds no SimMIM decoder (a classifier?): "
+                         f"reconstructions need pretraining weights")
+    model = models.build_simmim(config)
+    run.print(source.load_into(model))
     model.to(run.device)
-
-    def readable():
-        for path in files:
-            try:
-                yield path, transform(data.load_image(path, args.in_chans, args.intensity))
-            except data.UNREADABLE as e:
-                run.print(f"{path}: unreadable ({e}), left out")
-
-    images, n = readable(), 0
-    for n, chunk in enumerate(iter(lambda: list(itertools.islice(images, 8)), []), 1):  # 8 images a picture
+    mask_generator = masking(config, recipe, run)
+    normalize = data.ToNormalizedTensor(config.mean, config.std)
+    transform = data.eval_transform(config.img_size, normalize, crop_pct=1.0)
+    run.make_output()
+    images = readable(files, transform, config, run)
+    for n in itertools.count(1):  # 8 images a picture
+        chunk = list(itertools.islice(images, 8))
+        if not chunk:
+            break
         batch = torch.stack([image for _, image in chunk])
-        with data.seeded(args.seed + n):
+        with data.seeded(recipe['seed'] + n):
             masks = torch.stack([mask_generator() for _ in batch])
         path = os.path.join(args.output, f'reconstruction_{n}.png')
-        save_reconstructions(model, batch.to(run.device), masks.to(run.device), normalize, path)
+        save_reconstructions(model, batch.to(run.device), masks.to(run.device), config, path)
         run.print(f"wrote {path}: " + ', '.join(p for p, _ in chunk))
-    if n == 0:
-        raise SystemExit(f"error: none of the {len(files)} images given to --reconstruct could be read")
+    if n == 1:
+        raise ValueError(f"none of the {len(files)} images given to --reconstruct could be read")
 
 
-def pretrain(args, run):
-    resume, ckpt = engine.find_resume(args, run)
-    if ckpt and not ('optimizer' in ckpt and 'mask_ratio' in ckpt['args']):
-        raise SystemExit(f"error: '{resume}' is no pretrain.py checkpoint, so pretraining cannot resume from it; start "
-                         f"from its weights with --pretrained")
-    source = engine.load_checkpoint(args.pretrained, args.allow_pickle, run) if args.pretrained and not resume \
-        else None
-    if ckpt or source:  # a resumed run is the run it was: its model, size, masking and normalisation
-        engine.inherit(args, (ckpt or source)['args'], CHECKPOINT_FLAGS)
-    torch.manual_seed(args.seed + run.rank)
-
-    # model and data; the errors of bad input are one line
-    model, normalize, mask_generator = build_model(args, run, source)
-    try:
-        if args.data_path is None:
-            args.data_path = DEMO_DATA
-            run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
-        transform = data.PretrainTransform(args.img_size, mask_generator, normalize, args.scale, args.hflip)
-        dataset = data.ImageDataset(args.data_path, transform, args.in_chans, intensity=args.intensity)
-        dataset.load(0)  # at least one readable image, else one clear error now rather than in a worker
-        loader = data.build_loader(dataset, args.batch_size, args.num_workers, args.seed, run.world_size, run.rank)
-        schedule = engine.scale_lrs(args, run.world_size, len(loader))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    model.to(run.device)
-    models.use_fused_attention(model, run.device.type == 'cuda')
-    model_ddp = run.wrap(model, args.compile)
-
-    # optimizer: AdamW, per-step cosine (or multistep) schedule with linear warmup
-    optimizer = engine.build_optimizer(model, args)
-    trainer = engine.Trainer(model_ddp, optimizer, engine.build_scheduler(optimizer, args), args, run)
-    run.print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {args.img_size}px, mask "
-              f"{args.mask_ratio} of {args.mask_patch_size}px squares; {len(dataset):,} images in {args.data_path}")
-    run.print(f"{schedule}; amp {trainer.amp}; device {run.device}")
-    run.print(f"normalisation: mean {args.mean} std {args.std} of 0-1 pixels; intensity {args.intensity}")
-    start_epoch, start_step = 0, 0
-    if resume:
-        engine.check_resume_flags(run, args, ckpt['args'], resume, engine.TRAJECTORY_FLAGS + PRETRAIN_FLAGS)
-        engine.load_model_state(model, ckpt['model'], resume)
-        trainer.load_state_dict(ckpt)
-        start_epoch, start_step = engine.resume_position(ckpt, args, resume)
-        run.print(f"resumed from {resume} at epoch {start_epoch}" + (f" step {start_step}" if start_step else ''))
-    engine.start_output(run, args, start_epoch * args.steps_per_epoch + start_step)
-    if run.main:
-        pictures = picture_batch(dataset, data.eval_transform(args.img_size, normalize, crop_pct=1.0),
-                                 mask_generator, run.device)
-        if start_epoch == 0:
-            save_reconstructions(model, *pictures, normalize, os.path.join(args.output, 'reconstruction_start.png'))
-
-    # the loop: the loss is the L1 distance of the reconstructed pixels in the masked squares (models.SimMIM)
-    def loss_fn(batch):
-        (images, masks), _, _ = batch
-        return model_ddp(images.to(run.device, non_blocking=True), masks.to(run.device, non_blocking=True))
-
-    def state_fn(epoch, step):
-        return dict(model=model.state_dict(), **trainer.state_dict(), epoch=epoch, step=step, args=vars(args))
-
-    run.training = True  # from here a SIGTERM saves and stops the run at the next log line
-    for epoch in range(start_epoch, args.epochs):
-        if engine.train_one_epoch(trainer, loader, loss_fn, epoch, args, run, state_fn,
-                                  start_step if epoch == start_epoch else 0) is None:
-            return
-        last = epoch + 1 == args.epochs
-        numbered = (epoch + 1) % args.save_freq == 0 or last
-        engine.save_checkpoint(run, state_fn(epoch, args.steps_per_epoch), [f'ckpt_epoch_{epoch}.pth'] * numbered)
-        if numbered and run.main:
-            name = 'reconstruction_end.png' if last else f'reconstruction_epoch_{epoch}.png'
-            save_reconstructions(model, *pictures, normalize, os.path.join(args.output, name))
-        if run.stopping:
-            run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
-            return
-    trainer.check_nonfinite(args.epochs * args.steps_per_epoch, final=True)
-    run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in {args.output}")
+def readable(files, transform, config, run):
+    """(path, image) of the files that can be read; the others named and left out."""
+    for path in files:
+        try:
+            yield path, transform(data.load_image(path, config.in_chans, config.intensity))
+        except data.UNREADABLE as e:
+            run.print(f"{path}: unreadable ({e}), left out")
 
 
 if __name__ == '__main__':

@@ -75,20 +75,21 @@ def official_simmim(path, name, img_size):
     sys.modules['official_models'] = package
     spec.loader.exec_module(package)
     simmim = sys.modules['official_models.simmim']
-    family, kw = models.model_kwargs(name, img_size, pretrain=True)
+    c = models.model_config(name, img_size=img_size)
+    family, drop_path = models.MODELS[name]['family'], models.MODELS[name]['drop_path'][0]
     if family == models.VIT:
         encoder = simmim.VisionTransformerForSimMIM(
-            img_size=kw['img_size'], patch_size=16, embed_dim=kw['embed_dim'], depth=kw['depth'],
-            num_heads=kw['num_heads'], mlp_ratio=4, qkv_bias=True, init_values=0.1, use_abs_pos_emb=False,
+            img_size=c.img_size, patch_size=16, embed_dim=c.embed_dim, depth=c.depths[0],
+            num_heads=c.num_heads[0], mlp_ratio=4, qkv_bias=True, init_values=0.1, use_abs_pos_emb=False,
             use_rel_pos_bias=False, use_shared_rel_pos_bias=True, use_mean_pooling=False, num_classes=0,
-            drop_path_rate=kw['drop_path_rate'])
+            drop_path_rate=drop_path)
         return simmim.SimMIM(encoder, 16)
     if family != models.SWIN:
         raise SystemExit("error: microsoft/SimMIM has no SwinV2; compare a swin_* or vit_* model")
     encoder = simmim.SwinTransformerForSimMIM(
-        img_size=kw['img_size'], patch_size=4, in_chans=3, num_classes=0, embed_dim=kw['embed_dim'],
-        depths=list(kw['depths']), num_heads=list(kw['num_heads']), window_size=kw['window_size'], mlp_ratio=4.,
-        qkv_bias=True, qk_scale=None, drop_rate=0., drop_path_rate=kw['drop_path_rate'], ape=False, patch_norm=True)
+        img_size=c.img_size, patch_size=4, in_chans=3, num_classes=0, embed_dim=c.embed_dim,
+        depths=list(c.depths), num_heads=list(c.num_heads), window_size=c.window_size, mlp_ratio=4.,
+        qkv_bias=True, qk_scale=None, drop_rate=0., drop_path_rate=drop_path, ape=False, patch_norm=True)
     return simmim.SimMIM(encoder, 32)
 
 
@@ -104,7 +105,7 @@ def training_step(args, impl, amp, device):
     torch.manual_seed(0)
     official_model = impl == 'official'
     model = official_simmim(args.official, args.model, args.img_size) if official_model \
-        else models.build_simmim(args.model, args.img_size)
+        else models.build_simmim(args.model, img_size=args.img_size)
     model.to(device).train()
     if not official_model:
         models.use_fused_attention(model, device.type == 'cuda' if args.fused == 'auto' else args.fused == 'on')
@@ -118,11 +119,13 @@ def training_step(args, impl, amp, device):
     mask = torch.stack([masks() for _ in range(args.batch_size)]).to(device)
 
     if impl.startswith('ours') and impl != 'ours-model':
-        targs = pretrain.get_args_parser().parse_args(['--model', args.model, '--amp', amp, '--device', device.type])
-        engine.scale_lrs(targs, 1, 1000)  # 1000 steps per epoch
+        targs = pretrain.get_args_parser().parse_args(['--model', args.model, '--amp', amp, '--device', device.type,
+                                                       '--compile', 'off'])
+        recipe = engine.recipe(targs, 1, pretrain.RECIPE)
+        schedule = engine.Schedule(recipe, 1000)  # 1000 steps per epoch
         run = engine.Run(targs)  # as the scripts: host memory kept, on a CPU denormals flushed
-        optimizer = engine.build_optimizer(model, targs)
-        trainer = engine.Trainer(model, optimizer, engine.build_scheduler(optimizer, targs), targs, run)
+        optimizer = engine.build_optimizer(models.param_groups(model, recipe['weight_decay']), schedule.lr)
+        trainer = engine.Trainer(model, optimizer, schedule, recipe, targs, run)
         return lambda i: trainer.step(i, [(x, mask)], lambda batch: model(*batch))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
@@ -201,7 +204,7 @@ def host_syncs(fn):
 
 def flops_per_image(args):
     """Forward and backward FLOPs of one image through our model, as torch's FlopCounterMode counts them."""
-    model = models.build_simmim(args.model, args.img_size)
+    model = models.build_simmim(args.model, img_size=args.img_size)
     models.use_fused_attention(model, False)
     size = model.encoder.patch_embed.img_size[0]
     patch = model.encoder.patch_embed.patch_size[0]
@@ -306,7 +309,8 @@ def write_jpegs(folder, n, classes=()):
 def data_rate(args, folder):
     """The real loader's images/s over the JPEGs in folder (after its workers have started)."""
     size = args.img_size or 192
-    transform = data.PretrainTransform(size, data.MaskGenerator(size, 32, 4, 0.6), data.normalization(3))
+    normalize = data.ToNormalizedTensor(*(lambda c: (c.mean, c.std))(models.model_config()))
+    transform = data.PretrainTransform(size, data.MaskGenerator(size, 32, 4, 0.6), normalize)
     loader = data.build_loader(data.ImageDataset(folder, transform), 16, args.num_workers, 0)
     loader.sampler.set_epoch(0)
     batches = iter(loader)

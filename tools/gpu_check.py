@@ -162,7 +162,7 @@ def attention_item(cfg):
     lines, ok = [], True
     for name, size in names:
         torch.manual_seed(0)
-        model = models.build_simmim(name, size, drop_path_rate=0.).to(device)
+        model = models.build_simmim(name, img_size=size, drop_path_rate=0.).to(device)
         patch = model.patch_size
         masks = data.MaskGenerator(size, 32 if size % 32 == 0 else 16, patch, 0.6)
         x = torch.randn(8, 3, size, size, device=device)
@@ -211,33 +211,33 @@ def host_syncs_item(cfg, out):
         args = pretrain.get_args_parser().parse_args(
             [*cfg['arch'], '--data-path', os.path.join(out, 'images'), '--batch-size', str(cfg['batch'] // 2),
              '--num-workers', str(cfg['workers']), '--epochs', '1', '--print-freq', '1000', *cfg['device'],
-             '--output', os.path.join(out, f'syncs_{distributed}')])
+             '--output', os.path.join(out, f'syncs_{distributed}'), '--compile', 'off'])
         os.makedirs(args.output, exist_ok=True)
         run = engine.Run(args)
-        try:  # pretrain.py's model, data and step, from the public functions it uses
-            args.model = args.model or 'swin_base'
-            model = models.build_simmim(args.model, args.img_size, **engine.arch_overrides(args)).to(run.device)
+        try:  # pretrain.py's settings, model, data and step, from the functions it uses
+            config, recipe, _, _ = pretrain.settings(args, run, resume=False)
+            model = models.build_simmim(config).to(run.device)
             models.use_fused_attention(model, run.device.type == 'cuda')
-            args.img_size, args.in_chans = model.encoder.patch_embed.img_size[0], model.in_chans
-            masks = data.MaskGenerator(args.img_size, args.mask_patch_size, model.patch_size, args.mask_ratio)
-            transform = data.PretrainTransform(args.img_size, masks, engine.normalization(args))
-            loader = data.build_loader(data.ImageDataset(args.data_path, transform), args.batch_size,
-                                       args.num_workers, args.seed, run.world_size, run.rank)
-            engine.scale_lrs(args, run.world_size, len(loader))
-            model_ddp = run.wrap(model)
-            optimizer = engine.build_optimizer(model, args)
-            trainer = engine.Trainer(model_ddp, optimizer, engine.build_scheduler(optimizer, args), args, run)
+            masks = pretrain.masking(config, recipe, run)
+            normalize = data.ToNormalizedTensor(config.mean, config.std)
+            transform = data.PretrainTransform(config.img_size, masks, normalize)
+            loader = data.build_loader(data.ImageDataset(recipe['data_path'], transform), args.batch_size,
+                                       args.num_workers, recipe['seed'], run.world_size, run.rank)
+            steps = 12
+            schedule = engine.Schedule(recipe, 3, run.world_size)  # warm-up: 3 steps
+            optimizer = engine.build_optimizer(models.param_groups(model, recipe['weight_decay']), schedule.lr)
+            trainer = engine.Trainer(model, optimizer, schedule, recipe, args, run)
 
             def loss_fn(batch):
                 (images, m), _, _ = batch
-                return model_ddp(images.to(run.device, non_blocking=True), m.to(run.device, non_blocking=True))
+                return trainer.wrapped(images.to(run.device, non_blocking=True), m.to(run.device, non_blocking=True))
 
-            steps = 12
-            args.print_freq = args.steps_per_epoch = 3  # warm-up
-            engine.train_one_epoch(trainer, loader, loss_fn, 0, args, run, lambda e, s: {})
-            args.print_freq = args.steps_per_epoch = steps  # one log line, at the end
+            args.print_freq = 3
+            engine.train_one_epoch(trainer, loader, loss_fn, 0, lambda e, s: {})
+            args.print_freq = steps  # one log line, at the end
+            trainer.schedule = engine.Schedule(recipe, steps, run.world_size)
             sites = benchmark.host_syncs(  # on a CPU: {}, the code path alone
-                lambda: engine.train_one_epoch(trainer, loader, loss_fn, 1, args, run, lambda e, s: {}))
+                lambda: engine.train_one_epoch(trainer, loader, loss_fn, 1, lambda e, s: {}))
             per_step = {k: v for k, v in sites.items() if v >= steps}
             label = ('torchrun one-process group' + (' (gloo)' if cfg['device'] else ' (NCCL)')) if distributed \
                 else 'single process'

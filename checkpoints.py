@@ -1,0 +1,410 @@
+"""Checkpoint files. read() takes any supported file, Hugging Face folder or published name into
+one Checkpoint, its weights converted to timm's layout once; save() writes ours whole, with a
+checksum; find_resume() is the auto-resume search; export() writes a classifier or encoder for
+timm; load_model() gives the model of any checkpoint, for use from Python.
+
+    model = load_model('swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px')   # eval mode
+    ckpt = read('output/simmim_pretrain/checkpoint.pth')   # .config, .state, .recipe, .saved
+"""
+import dataclasses
+import difflib
+import json
+import os
+import pickle
+import re
+import shutil
+import urllib.error
+import zlib
+
+import torch
+import torch.distributed as dist
+
+import models
+
+
+class Corrupt(ValueError):
+    """A checkpoint that cannot be read whole: auto-resume passes over it."""
+
+
+class PickledCheckpoint(ValueError):
+    """A checkpoint holding pickled Python objects, read without allow_pickle."""
+
+
+class DownloadError(ValueError):
+    """A published checkpoint that could not be downloaded whole."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint as read: its model, and for ours the recipe that trained it."""
+    path: str
+    config: dict   # the models.ModelConfig fields it states or its weights show
+    state: dict    # its weights in timm's layout (models.to_timm_layout)
+    layout: str    # 'ours', 'microsoft', 'mmpretrain', 'huggingface' or 'timm'
+    recipe: dict   # ours: the settings a resumed run keeps; else empty
+    saved: dict    # the file's dict (ours: model, optimizer, trainer, epoch, step, ...)
+
+    @property
+    def kind(self):
+        """'pretrain' or 'finetune' for a training checkpoint of ours, else None."""
+        return self.saved.get('kind') if 'optimizer' in self.saved else None
+
+    @property
+    def simmim(self):
+        """Pretraining weights: with a decoder."""
+        return any(k.startswith('decoder.') for k in self.state)
+
+    def load_into(self, model):
+        """These weights into model (models.load_pretrained). -> the report, one line."""
+        try:
+            report = models.load_pretrained(model, self.state)
+        except ValueError as e:
+            raise ValueError(f"'{self.path}': {e}; pass the --model and architecture flags it was "
+                             f"trained with") from None
+        dropped = ', '.join(sorted({k.split('.')[0] for k in report['dropped']})) or '-'
+        line = (f"{self.path}: {len(report['loaded'])} tensors loaded, {len(report['resized'])} "
+                f"position tables resized, new: {', '.join(report['missing']) or '-'}, dropped: "
+                f"{len(report['dropped'])} ({dropped})")
+        if report['adapted']:
+            line += f"; patch embedding adapted from {report['adapted'][1]} (timm's rule)"
+        return line
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+def read(path, allow_pickle=False):
+    """A .pth / .pt / .bin / .safetensors file, a Hugging Face model folder or a published name
+    (downloaded once; under torchrun by the first rank of each machine) -> Checkpoint, its
+    checksum verified. Pickled objects (official checkpoints' yacs config) are refused unless
+    allow_pickle: unpickling runs the file's code."""
+    if dist.is_available() and dist.is_initialized() and path in PUBLISHED \
+            and not os.path.exists(path):
+        if os.environ.get('LOCAL_RANK', '0') == '0':
+            download(path)
+        dist.barrier()  # if it failed, torchrun ends the waiting ranks
+    saved = load_file(path, allow_pickle)
+    if not isinstance(saved, dict):
+        raise ValueError(f"'{path}' holds a {type(saved).__name__}, not a checkpoint (a dict of "
+                         f"weights)")
+    if 'checksum' in saved and saved.pop('checksum') != checksum(saved):
+        raise Corrupt(f"checkpoint '{path}' is corrupted: its contents do not match the checksum "
+                      f"saved with them (a bad copy or failing storage); resume from an earlier "
+                      f"one (--resume OUTPUT/ckpt_epoch_N.pth)")
+    if isinstance(saved.get('args'), dict):  # ours, as saved before the config: its flags
+        saved = from_flags(saved)
+    state, layout = models.to_timm_layout(saved)
+    if 'recipe' in saved:  # ours
+        return Checkpoint(path, saved['config'], state, 'ours', saved['recipe'], saved)
+    try:
+        config = models.infer_arch(state)
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ValueError(f"'{path}' is not a Swin, SwinV2 or ViT checkpoint that this code knows "
+                         f"(no {e})") from None
+    config.update(exported_preprocessing(saved))
+    return Checkpoint(path, config, state, layout, {}, saved)
+
+
+def load_file(path, allow_pickle):
+    """The dict of a file, a folder or a published name, as torch or safetensors reads it."""
+    if not os.path.exists(path):
+        cached = download(path)
+        try:
+            return load_file(cached, allow_pickle)
+        except PickledCheckpoint:
+            raise
+        except Exception as e:
+            raise DownloadError(f"the downloaded '{path}' in {cached} cannot be read "
+                                f"({first_line(e)}): delete it to download it again") from None
+    if os.path.isdir(path):
+        return load_folder(path, allow_pickle)
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file as load_safetensors  # installed with timm
+            return load_safetensors(path)
+        return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
+    except OSError as e:  # unreadable, not damaged
+        raise ValueError(f"cannot read '{path}': {e.strerror or e}") from None
+    except Exception as e:  # torch's text for no checkpoint advises weights_only=False: not shown
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if found:
+            raise PickledCheckpoint(
+                f"'{path}' holds pickled Python objects ({found[1]}), as official SimMIM "
+                f"checkpoints store their config; loading them (allow_pickle=True, "
+                f"--allow-pickle) runs code from the file: only for files you trust") from None
+        other = isinstance(e, (pickle.UnpicklingError, KeyError, UnicodeDecodeError))
+        why = 'not a PyTorch file' if other else first_line(e)
+        raise Corrupt(f"cannot load checkpoint '{path}' ({why}); it is truncated, corrupted or "
+                      f"not a PyTorch checkpoint") from None
+
+
+def load_folder(path, allow_pickle):
+    """A Hugging Face model folder: model.safetensors or pytorch_model.bin, with config.json."""
+    files = [os.path.join(path, f) for f in ('model.safetensors', 'pytorch_model.bin')]
+    found = [f for f in files if os.path.isfile(f)]
+    if not found:
+        raise ValueError(f"'{path}' is a folder without model.safetensors or pytorch_model.bin")
+    weights = load_file(found[0], allow_pickle)
+    config = os.path.join(path, 'config.json')
+    if not os.path.isfile(config):
+        return weights
+    with open(config) as f:
+        return dict(model=weights, hf_config=json.load(f))
+
+
+def from_flags(saved):
+    """A checkpoint of ours as saved before the config (vars(args)) -> as saved now. The flags
+    serve as the recipe: a resumed run compares those it has."""
+    args = saved['args']
+    config = {k: args[k] for k in models.FIELDS if args.get(k) is not None}
+    if 'vit_norm' in args:
+        config['fc_norm'] = args['vit_norm'] != 'final'
+    kind = 'pretrain' if 'mask_ratio' in args else 'finetune'
+    recipe = dict(args, linear_probe=bool(args.get('linear_probe')))  # was None when not given
+    return dict(saved, config=config, recipe=recipe, kind=kind, batch_size=args.get('batch_size'),
+                steps_per_epoch=args.get('steps_per_epoch'))
+
+
+def exported_preprocessing(saved):
+    """The config fields an export's timm pretrained_cfg (and our 'intensity') state."""
+    cfg = saved.get('pretrained_cfg')
+    if not (isinstance(cfg, dict) and 'input_size' in cfg):
+        return {}
+    chans, _, size = cfg['input_size']
+    return dict(in_chans=chans, img_size=size, mean=cfg['mean'], std=cfg['std'],
+                crop_pct=cfg.get('crop_pct'), intensity=saved.get('intensity'),
+                classes=cfg.get('label_names') or None)
+
+
+def first_line(error):
+    """An error's text up to its first line or sentence end, at most 200 characters."""
+    return re.split(r'\n|(?<=\w)\. ', str(error) or type(error).__name__)[0][:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+def save_atomic(write, path):
+    """write(file) into path.tmp, flushed to disk, then renamed over path: path is always whole
+    or absent. A failed write (a full disk; torch reports it as a RuntimeError) removes path.tmp
+    and is a ValueError saying so."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # SIGTERM, Ctrl-C: no .tmp left either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
+        causes = (e, e.__cause__, e.__context__)
+        cause = next((c for c in causes if isinstance(c, OSError)), e)
+        reason = getattr(cause, 'strerror', None) or str(cause).splitlines()[0][:200]
+        full = getattr(cause, 'errno', None) == 28  # ENOSPC
+        fix = 'free some space' if full else 'fix the path or the folder'
+        kept = '; the previous file is intact' if os.path.isfile(path) else ''
+        raise ValueError(f"could not write {path} ({reason}){kept}: {fix} and rerun the same "
+                         f"command") from None
+
+
+def checksum(obj):
+    """CRC-32 of a checkpoint's payload: every tensor's bytes, shapes and dtypes, every value."""
+    crc, rest = 0, []
+
+    def walk(o):
+        nonlocal crc
+        if isinstance(o, torch.Tensor):
+            data = o.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+            crc = zlib.crc32(data, crc)
+            rest.append(f'{tuple(o.shape)}{o.dtype}')
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                rest.append(repr(k))
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            rest.append(repr(o))
+    walk(obj)
+    return zlib.crc32(''.join(rest).encode(), crc)
+
+
+def save(folder, entries, copies=()):
+    """folder/checkpoint.pth = entries with their checksum, then copies of it named copies (e.g.
+    ckpt_epoch_N.pth); each written atomically."""
+    latest = os.path.join(folder, 'checkpoint.pth')
+    save_atomic(lambda f: torch.save(dict(entries, checksum=checksum(entries)), f), latest)
+    for name in copies:
+        with open(latest, 'rb') as source:
+            save_atomic(lambda f: shutil.copyfileobj(source, f), os.path.join(folder, name))
+
+
+def find_resume(output, resume, auto=True, training=True, allow_pickle=False, say=print):
+    """The checkpoint to resume: resume (a path or name), else OUTPUT/checkpoint.pth when auto and
+    it exists; in training OUTPUT's also when a run of the same resume saved it there (the same
+    command, rerun, continues its own progress). The search passes over a corrupted checkpoint to
+    the newest intact one, saying so. -> Checkpoint or None."""
+    latest = os.path.join(output, 'checkpoint.pth')
+    auto = auto and os.path.isfile(latest)
+    record = run_record(output) or {}
+    started_from = (record.get('args') or {}).get('resume')
+    if resume and auto and training and started_from == resume:
+        say(f"{output} holds the progress of a run started from --resume {resume}: continuing it")
+    elif resume:
+        return read(resume, allow_pickle)
+    if not auto:
+        return None
+    numbered = {}
+    for name in os.listdir(output):
+        found = re.fullmatch(r'ckpt_epoch_(\d+)\.pth', name)
+        if found:
+            numbered[int(found[1])] = os.path.join(output, name)
+    for path in [latest] + [numbered[e] for e in sorted(numbered, reverse=True)]:
+        try:
+            return read(path, allow_pickle)
+        except Corrupt as e:
+            say(f"{str(e).split(';')[0]}: passed over")
+    raise ValueError(f"every checkpoint in {output} is corrupted; start afresh with "
+                     f"--no-auto-resume")
+
+
+def run_record(output):
+    """OUTPUT/args.json, written by the run that last started there, or None if unreadable."""
+    try:
+        with open(os.path.join(output, 'args.json')) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Use: export to timm, load_model
+
+def export(model, config, path):
+    """Write a classifier or a head-less encoder for timm (a linear probe's BatchNorm folded into
+    its head) with its preprocessing as timm's pretrained_cfg and our intensity rule.
+    -> the timm.create_model call that loads both."""
+    state = models.to_timm_layout(model.state_dict())[0]
+    cfg = models.pretrained_cfg(config)
+    entries = dict(state_dict=state, pretrained_cfg=cfg, intensity=config.intensity)
+    save_atomic(lambda f: torch.save(entries, f), path)
+    kw = models.timm_kwargs(config)
+    kw.pop('init_values', None)  # the timm name's own
+    if models.MODELS[config.model]['family'] == models.VIT:
+        kw['use_fc_norm'] = config.fc_norm
+    shown = ', '.join(f"{k}={v!r}" for k, v in kw.items())
+    return (f"timm.create_model('{models.MODELS[config.model]['timm']}', {shown}, num_classes="
+            f"{config.num_classes}, checkpoint_path='{path}', pretrained_cfg_overlay=torch.load("
+            f"'{path}')['pretrained_cfg'])")
+
+
+def load_model(path, allow_pickle=False):
+    """A checkpoint (a file, a Hugging Face folder or a published name) -> its model, in eval
+    mode: a classifier at its own size (an export without head: the encoder), or the SimMIM model
+    of pretraining weights (extract_features reads its encoder, reconstruct draws).
+    model.pretrained_cfg: its preprocessing (timm's keys) and 'intensity'."""
+    ckpt = read(path, allow_pickle)
+    config = models.model_config(pretrain=ckpt.simmim, **ckpt.config)
+    build = models.build_simmim if ckpt.simmim else models.build_classifier
+    model = build(config)
+    models.load_pretrained(model, ckpt.state)
+    model.pretrained_cfg = dict(models.pretrained_cfg(config), intensity=config.intensity)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Published weights
+
+# mmpretrain's (each file's name ends in the first 8 hex digits of its SHA-256; paths from
+# MMPRETRAIN) and transformers' on the Hugging Face hub. name -> (what it is, its files).
+MMPRETRAIN = 'https://download.openmmlab.com/mmselfsup/1.x/simmim/'
+_B100 = 'simmim_swin-base_8xb256-amp-coslr-100e_in1k-192'
+_B800 = 'simmim_swin-base_16xb128-amp-coslr-800e_in1k-192'
+_L800 = 'simmim_swin-large_16xb128-amp-coslr-800e_in1k-192'
+_B100_FT = 'swin-base_ft-8xb256-coslr-100e_in1k'
+_B800_FT = 'swin-base_ft-8xb256-coslr-100e_in1k-224'
+_L800_FT = 'swin-large_ft-8xb256-coslr-ws14-100e_in1k-224'
+_HF = 'https://huggingface.co/microsoft/swin-base-simmim-window6-192/resolve/main/'
+PUBLISHED = {
+    'simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px': (
+        'Swin-B pretrained 100 epochs, 192px, window 6', f'{_B100}/{_B100}_20220829-0e15782d.pth'),
+    'simmim_swin-base-w6_16xb128-amp-coslr-800e_in1k-192px': (
+        'Swin-B pretrained 800 epochs, 192px, window 6', f'{_B800}/{_B800}_20220916-a0e931ac.pth'),
+    'simmim_swin-large-w12_16xb128-amp-coslr-800e_in1k-192px': (
+        'Swin-L pretrained 800 epochs, 192px, window 12', f'{_L800}/{_L800}_20220916-4ad216d3.pth'),
+    'swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px': (
+        'Swin-B ImageNet-1k classifier, 100-epoch pretraining, 192px: top-1 82.7',
+        f'{_B100}/{_B100_FT}/{_B100_FT}_20220829-9cf23aa1.pth'),
+    'swin-base-w6_simmim-800e-pre_8xb256-coslr-100e_in1k-192px': (
+        'Swin-B ImageNet-1k classifier, 800-epoch pretraining (the file is named 224px): top-1 83.8',
+        f'{_B800}/{_B800_FT}/{_B800_FT}_20221208-155cc6e6.pth'),
+    'swin-large-w14_simmim-800e-pre_8xb256-coslr-100e_in1k': (
+        'Swin-L ImageNet-1k classifier, 800-epoch pretraining, 224px, window 14: top-1 84.8',
+        f'{_L800}/{_L800_FT}/{_L800_FT}_20220916-d4865790.pth'),
+    'microsoft/swin-base-simmim-window6-192': (
+        'Swin-B pretrained 100 epochs, 192px, window 6 (transformers)', _HF + 'config.json',
+        _HF + 'pytorch_model.bin'),
+}
+
+
+def download(name, progress=os.environ.get('RANK', '0') == '0'):
+    """A published name -> its file (a folder for several) in torch's hub cache, downloaded the
+    first time. Each file goes to a hidden name beside its place, is checked (the SHA-256 its name
+    carries, else that it loads), and only then takes its name: a failed or killed download
+    leaves nothing under that name."""
+    if name not in PUBLISHED:
+        close = difflib.get_close_matches(name, PUBLISHED, n=3, cutoff=0.4)
+        hint = f"; close ones: {', '.join(close)}" if close else " (checkpoints.PUBLISHED lists them)"
+        raise ValueError(f"'{name}' does not exist, nor is it a published name{hint}")
+    urls = [url if '://' in url else MMPRETRAIN + url for url in PUBLISHED[name][1:]]
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    if len(urls) > 1:
+        folder = os.path.join(folder, name.replace('/', '--'))
+    for url in urls:
+        path = os.path.join(folder, url.rsplit('/', 1)[1])
+        if not os.path.isfile(path):
+            fetch(name, url, path, len(urls) > 1, progress)
+    return folder if len(urls) > 1 else path
+
+
+def fetch(name, url, path, several, progress):
+    """download()'s one file, with one line for each way it can fail."""
+    folder = os.path.dirname(path)
+    digest = re.search(r'-([0-9a-f]{8})\.\w+$', url)
+    partial = os.path.join(folder, f'.{os.getpid()}.{os.path.basename(path)}')  # same extension
+    yourself = f"download it yourself and pass the path (or put the file, named as in the URL, " \
+               f"into {folder})"
+    if several:
+        yourself = f"download its files into one folder yourself and pass the folder (or put " \
+                   f"them, named as in the URLs, into {folder})"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        torch.hub.download_url_to_file(url, partial, digest and digest[1], progress)
+        if not digest:  # a cut connection goes unnoticed by the download: the file must load
+            with open(partial) as f:
+                json.load(f) if path.endswith('.json') else load_file(partial, False)
+        os.replace(partial, path)
+    except Exception as e:
+        reason = first_line(getattr(e, 'reason', None) or e)
+        if isinstance(e, urllib.error.HTTPError):
+            raise DownloadError(f"cannot download '{name}': {url} answered {e.code} {e.reason}; "
+                                f"{yourself}") from None
+        if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            raise DownloadError(f"cannot download '{name}' from {url} ({reason}): where there is "
+                                f"a network, {yourself}") from None
+        if isinstance(e, OSError):  # here: a full disk, an unwritable cache
+            raise DownloadError(f"cannot store '{name}' in {folder} ({reason}): make room there, "
+                                f"or set TORCH_HOME to another folder") from None
+        what = reason
+        if 'invalid hash' in reason:
+            what = f"cut short or altered: its SHA-256 does not start with {digest[1]}"
+        raise DownloadError(f"the download of '{name}' from {url} is not the published file "
+                            f"({what}): deleted; try again, or {yourself}") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
