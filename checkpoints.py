@@ -341,7 +341,7 @@ PUBLISHED = {
         'Swin-B ImageNet-1k classifier, 100-epoch pretraining, 192px: top-1 82.7',
         f'{_B100}/{_B100_FT}/{_B100_FT}_20220829-9cf23aa1.pth'),
     'swin-base-w6_simmim-800e-pre_8xb256-coslr-100e_in1k-192px': (
-        'Swin-B ImageNet-1k classifier, 800-epoch pretraining (the file is named 224px): top-1 83.8',
+        'Swin-B ImageNet-1k classifier, 800-epoch pretraining (file named 224px): top-1 83.8',
         f'{_B800}/{_B800_FT}/{_B800_FT}_20221208-155cc6e6.pth'),
     'swin-large-w14_simmim-800e-pre_8xb256-coslr-100e_in1k': (
         'Swin-L ImageNet-1k classifier, 800-epoch pretraining, 224px, window 14: top-1 84.8',
@@ -359,7 +359,7 @@ def download(name, progress=os.environ.get('RANK', '0') == '0'):
     leaves nothing under that name."""
     if name not in PUBLISHED:
         close = difflib.get_close_matches(name, PUBLISHED, n=3, cutoff=0.4)
-        hint = f"; close ones: {', '.join(close)}" if close else " (checkpoints.PUBLISHED lists them)"
+        hint = f"; close ones: {', '.join(close)}" if close else " (README lists them)"
         raise ValueError(f"'{name}' does not exist, nor is it a published name{hint}")
     urls = [url if '://' in url else MMPRETRAIN + url for url in PUBLISHED[name][1:]]
     folder = os.path.join(torch.hub.get_dir(), 'checkpoints')

@@ -69,7 +69,7 @@ class Parser(argparse.ArgumentParser):
                 shown = f"default: {default!r}"
                 if self.probe and self.probe.get(action.dest, default) != default:
                     shown += f"; --linear-probe: {self.probe[action.dest]!r}"
-                action.help = f"{action.help} ({shown})"
+                action.help = f"{action.help or ''} ({shown})".strip()
         return super().parse_args(args, namespace)
 
     def error(self, message):
@@ -77,18 +77,17 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None, those the help gives (it says what happens) and switches."""
+    """Shows defaults, but None, switches' and those the help gives."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool) \
-                or '(default' in (action.help or ''):
+        if action.default is None or action.default is False or 'default' in (action.help or ''):
             return action.help
         return super()._get_help_string(action)
 
 
 def number(interval, kind=float):
-    """An argparse type: a finite number in interval, written as in mathematics ('[0, 1]',
-    '(0, 1]', '[1, inf)'); anything else (NaN and infinity too) is argparse's one-line error."""
+    """An argparse type: a finite number in interval, written '[0, 1]', '(0, 1]', '[1, inf)';
+    anything else (NaN and infinity too) is argparse's one-line error."""
     low, high = (float(v) for v in interval[1:-1].split(','))
 
     def parse(text):
@@ -96,11 +95,9 @@ def number(interval, kind=float):
         above = value > low if interval[0] == '(' else value >= low
         below = value < high if interval[-1] == ')' else value <= high
         if not (above and below and math.isfinite(value)):
-            rule = f"in {interval}"
-            if interval[0] == '[' and high == math.inf:
-                rule = f"at least {low:g}"
-            if not math.isfinite(value):
-                rule = 'a finite number'
+            at_least = interval[0] == '[' and high == math.inf
+            rule = f"at least {low:g}" if at_least else f"in {interval}"
+            rule = rule if math.isfinite(value) else 'a finite number'
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse: "invalid int value: 'x'" for no number at all
@@ -108,26 +105,6 @@ def number(interval, kind=float):
 
 
 COUNT, SIZE, AMOUNT = number('[0, inf)', int), number('[1, inf)', int), number('[0, inf)')
-
-
-def add_model_args(g):
-    """Architecture and preprocessing; unset: the checkpoint's, else the named model's."""
-    g.add_argument('--model', choices=list(models.MODELS),
-                   help="encoder (default: the checkpoint's, else swin_base)")
-    g.add_argument('--img-size', type=SIZE, help="input size in pixels (default: the "
-                                                 "checkpoint's, else 192 Swin pretraining, 224)")
-    g.add_argument('--window-size', type=SIZE, help='Swin window (default: img size / 32, '
-                                                    'Swin-L and SwinV2 / 16)')
-    g.add_argument('--patch-size', type=SIZE, help='model patch size (default: Swin 4, ViT 16)')
-    g.add_argument('--embed-dim', type=SIZE, help="width of the first stage")
-    g.add_argument('--depths', type=SIZE, nargs='+', help="blocks per stage, ViT: one number")
-    g.add_argument('--num-heads', type=SIZE, nargs='+', help="heads per stage, ViT: one number")
-    g.add_argument('--in-chans', type=SIZE, help="image channels: 3 RGB (default), 1 grey, any "
-                                                 "for .npy arrays (H x W x C)")
-    g.add_argument('--drop-path', type=number('[0, 1)'),
-                   help='stochastic depth (default: the official config)')
-    g.add_argument('--use-checkpoint', action='store_true',
-                   help='activation checkpointing: less memory, slower')
 
 
 def intensity_rule(text):
@@ -139,82 +116,83 @@ def intensity_rule(text):
             return float(text)
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"use type, image, percentile or a positive number, got "
-                                     f"{text}")
+    raise argparse.ArgumentTypeError(f"use type, image, percentile or a number above 0, got {text}")
+
+
+def add_model_args(g):
+    """Unset: the checkpoint's, else the named model's."""
+    g.add_argument('--model', choices=list(models.MODELS),
+                   help="encoder (default: the checkpoint's, else swin_base)")
+    g.add_argument('--img-size', type=SIZE, help="pixels (default: the checkpoint's, else 192 "
+                                                 "for Swin pretraining, 224)")
+    g.add_argument('--window-size', type=SIZE, help='Swin (default: img size / 32, Swin-L and '
+                                                    'SwinV2: / 16)')
+    g.add_argument('--patch-size', type=SIZE, help='default: Swin 4, ViT 16')
+    g.add_argument('--embed-dim', type=SIZE, help='width of the first stage')
+    g.add_argument('--depths', type=SIZE, nargs='+', help='blocks per stage; ViT: one number')
+    g.add_argument('--num-heads', type=SIZE, nargs='+', help='heads per stage; ViT: one number')
+    g.add_argument('--in-chans', type=SIZE, help='3 RGB (default), 1 grey, any for .npy arrays')
+    g.add_argument('--drop-path', type=number('[0, 1)'), help='default: the official config')
+    g.add_argument('--use-checkpoint', action='store_true', help='activation checkpointing')
 
 
 def add_data_args(g):
     g.add_argument('--intensity', type=intensity_rule,
-                   help="how images of more than 8 bits and .npy arrays become 0-1: 'type' "
-                        "(default: integers by their type's range, floats by their min-max), "
-                        "'image' (each image's min-max), 'percentile' (its 0.5-99.5 "
-                        "percentiles), or the value that becomes white (e.g. 4095 for 12-bit "
-                        "data in 16-bit files)")
-    g.add_argument('--batch-size', type=SIZE, default=128,
-                   help='images per GPU (per process) and micro-step')
+                   help="how deeper images and .npy arrays become 0-1: 'type' (default: their "
+                        "type's range; floats their min-max), 'image' (its min-max), "
+                        "'percentile' (0.5-99.5), or the value that becomes white (4095)")
+    g.add_argument('--batch-size', type=SIZE, default=128, help='per process and micro-step')
     g.add_argument('--num-workers', type=COUNT, default=min(8, os.cpu_count() or 1),
-                   help='data loading processes per GPU (default: 8, or the CPUs if fewer)')
+                   help='loader processes per GPU (default: 8, or the CPUs if fewer)')
     g.add_argument('--mean', type=number('(-inf, inf)'), nargs='+',
-                   help='per-channel mean of 0-1 pixels (default: ImageNet)')
-    g.add_argument('--std', type=number('(0, inf)'), nargs='+',
-                   help='per-channel std (default: ImageNet)')
+                   help='per channel, of 0-1 pixels (default: ImageNet)')
+    g.add_argument('--std', type=number('(0, inf)'), nargs='+', help='default: ImageNet')
 
 
 def add_optimization_args(g):
-    g.add_argument('--epochs', type=SIZE, help='epochs to train')
-    g.add_argument('--warmup-epochs', type=COUNT, help='linear warmup from --warmup-lr')
-    g.add_argument('--base-lr', type=AMOUNT, help='peak lr per 512 images')
-    g.add_argument('--warmup-lr', type=AMOUNT, help='lr at step 0, per 512 images')
-    g.add_argument('--min-lr', type=AMOUNT, help='final cosine lr, per 512 images')
-    g.add_argument('--lr-scheduler', choices=['cosine', 'multistep'],
-                   help='cosine to --min-lr, or x --gamma at each of --multisteps; per step')
-    g.add_argument('--multisteps', type=COUNT, nargs='*', help='multistep milestones, in epochs')
-    g.add_argument('--gamma', type=AMOUNT, help='multistep decay factor')
-    g.add_argument('--weight-decay', type=AMOUNT,
-                   help='not on norms, biases and the official exemptions (README: Fidelity)')
+    g.add_argument('--epochs', type=SIZE)
+    g.add_argument('--warmup-epochs', type=COUNT, help='linear, from --warmup-lr')
+    g.add_argument('--base-lr', type=AMOUNT, help='peak lr')
+    g.add_argument('--warmup-lr', type=AMOUNT, help='lr at step 0')
+    g.add_argument('--min-lr', type=AMOUNT, help='final cosine lr')
+    g.add_argument('--lr-scheduler', choices=['cosine', 'multistep'], help='both per step')
+    g.add_argument('--multisteps', type=COUNT, nargs='*', help='epochs where the lr x --gamma')
+    g.add_argument('--gamma', type=AMOUNT)
+    g.add_argument('--weight-decay', type=AMOUNT, help='official exemptions: README, Fidelity')
     g.add_argument('--accumulation-steps', type=SIZE, help='micro-batches per optimizer step')
-    g.add_argument('--clip-grad', type=AMOUNT, help='max gradient norm; 0 = no clipping')
+    g.add_argument('--clip-grad', type=AMOUNT, help='max gradient norm; 0 = none')
     g.add_argument('--amp', choices=['bf16', 'fp16', 'off'],
-                   help='autocast dtype; fp16 uses a gradient scaler (default: bf16 where the '
-                        'device computes it natively: recent GPUs, CPUs with AVX512-BF16 or '
-                        'AMX; else fp16 on GPUs, off on CPUs)')
+                   help='default: bf16 where native (recent GPUs, CPUs with AVX512-BF16 or '
+                        'AMX), else fp16 (with a gradient scaler) on GPUs, off on CPUs')
     g.add_argument('--max-nonfinite', type=SIZE, default=20,
-                   help='abort after this many consecutive steps with a non-finite loss or '
-                        'gradient')
+                   help='stop after this many steps in a row with a non-finite loss or gradient')
 
 
 def add_run_args(g, output, compile):
     g.add_argument('--compile', default=compile, choices=['auto', 'on', 'off'],
-                   help='torch.compile the training forward and backward (the first step '
-                        'compiles for a minute or two); auto = on GPUs, where it was measured '
-                        'faster; off = eager')
-    g.add_argument('--output', default=output, help='folder for checkpoints, logs and pictures')
-    g.add_argument('--resume', help='checkpoint to resume (default: OUTPUT/checkpoint.pth if '
-                                    'any); to use, also a published name')
+                   help='torch.compile the training step (the first compiles a minute or two); '
+                        'auto: on GPUs, where it was measured faster')
+    g.add_argument('--output', default=output, help='checkpoints, logs and pictures')
+    g.add_argument('--resume', help='checkpoint (default: OUTPUT/checkpoint.pth if any); to use: '
+                                    'also a published name')
     g.add_argument('--accept-changes', action='store_true',
-                   help="resume although optimization flags differ from the checkpoint's (e.g. "
-                        "more --epochs): the schedule from the resumed step on is the new one")
+                   help="resume with flags other than the checkpoint's: the schedule from then "
+                        "on is the new one")
     g.add_argument('--no-auto-resume', dest='auto_resume', action='store_false',
-                   help='start afresh even if OUTPUT holds a checkpoint (by default the run '
-                        'continues from it)')
-    g.add_argument('--save-freq', type=SIZE, default=5,
-                   help='keep a numbered checkpoint every this many epochs')
+                   help="start afresh even if OUTPUT holds a checkpoint")
+    g.add_argument('--save-freq', type=SIZE, default=5, help='a numbered checkpoint every N epochs')
     g.add_argument('--save-steps', type=COUNT, default=0,
-                   help='also update checkpoint.pth every this many steps inside an epoch '
-                        '(resumed exactly); 0 = off')
+                   help='also save checkpoint.pth every N steps in an epoch; 0: off')
     g.add_argument('--dist-timeout', type=number('[0.1, inf)'), default=30,
-                   help='minutes a collective waits for a dead or hung rank before the run stops')
+                   help='minutes a collective waits for a dead or hung rank')
     g.add_argument('--print-freq', type=SIZE, default=100,
-                   help='log every this many optimizer steps; a SIGTERM stops the run at the '
-                        'next log line')
+                   help='a log line every N steps; a SIGTERM stops the run at the next')
     g.add_argument('--seed', type=number('[0, 4294967295]', int),
-                   help='seeds the initialisation, data order, augmentation and masks (a '
-                        'function of the step)')
+                   help='initialisation, data order, augmentation and masks')
     g.add_argument('--device', help='cuda or cpu (default: cuda when available)')
     g.add_argument('--allow-pickle', action='store_true',
-                   help='load checkpoints holding pickled objects (official SimMIM ones hold '
-                        'their yacs config): this runs code from the file, use it only for '
-                        'files you trust')
+                   help='load checkpoints holding pickled objects (official SimMIM ones): this '
+                        'runs code from the file, only for files you trust')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +360,7 @@ class Run:
 
 
 def pick_device(name):
-    """--device: cuda, cuda:N or cpu; by default cuda when there is a GPU (torchrun's local rank's)."""
+    """--device: cuda, cuda:N or cpu; by default cuda where there is a GPU (the local rank's)."""
     if name is not None and not re.fullmatch(r'cpu|cuda(:\d+)?', name):
         raise ValueError(f"--device '{name}': use cuda, cuda:N or cpu")
     if name is not None and name.startswith('cuda') and not torch.cuda.is_available():
@@ -649,13 +627,13 @@ def resume(trainer, checkpoint):
     if step >= steps:
         position = epoch + 1, 0
     else:
-        batch = saved['batch_size'], checkpoint.recipe['accumulation_steps']
-        now = trainer.args.batch_size, trainer.recipe['accumulation_steps']
-        if batch != now or checkpoint.recipe['effective_batch'] != trainer.recipe['effective_batch']:
+        before, now = checkpoint.recipe, trainer.recipe
+        batch = saved['batch_size'], before['accumulation_steps'], before['effective_batch']
+        if batch != (trainer.args.batch_size, now['accumulation_steps'], now['effective_batch']):
             raise ValueError(f"'{path}' stopped inside epoch {epoch} with another batch (per "
-                             f"process and step: {batch[0]} x {batch[1]}, in all "
-                             f"{checkpoint.recipe['effective_batch']}); resume it with the same "
-                             f"one, or from the end of an epoch (--resume OUTPUT/ckpt_epoch_N.pth)")
+                             f"process and step: {batch[0]} x {batch[1]}, in all {batch[2]}); "
+                             f"resume it with the same one, or from the end of an epoch "
+                             f"(--resume OUTPUT/ckpt_epoch_N.pth)")
         position = epoch, step
     trainer.run.print(f"resumed from {path} at epoch {position[0]}"
                       + (f" step {position[1]}" if position[1] else ''))

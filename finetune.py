@@ -265,14 +265,14 @@ def load_data(args, config, recipe):
     mixed = recipe['mixup'] > 0 or recipe['cutmix'] > 0
     if not args.eval and mixed and args.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
-    datasets = {}
-    splits = [('val', data.eval_transform(config.img_size, normalize, config.crop_pct))]
+    transforms = {}
     if not args.eval:
-        transform = data.finetune_transform(config.img_size, normalize, recipe['aa'],
-                                            recipe['reprob'], recipe['scale'], recipe['hflip'],
-                                            recipe['color_jitter'])
-        splits.insert(0, ('train', transform))
-    for split, transform in splits:
+        transforms['train'] = data.finetune_transform(
+            config.img_size, normalize, recipe['aa'], recipe['reprob'], recipe['scale'],
+            recipe['hflip'], recipe['color_jitter'])
+    transforms['val'] = data.eval_transform(config.img_size, normalize, config.crop_pct)
+    datasets = {}
+    for split, transform in transforms.items():
         folder = os.path.join(recipe['data_path'], split)
         datasets[split] = data.ImageDataset(folder, transform, config.in_chans, config.classes,
                                             config.intensity)
@@ -295,17 +295,19 @@ def build_model(config, recipe, args, train):
     return model
 
 
-def load_weights(model, config, source, run):
+def load_weights(model, config, source, resumed, run):
     """The weights of a used checkpoint or of the pretraining into model (a resumed training's
     are fit's to load); a probe takes only the blocks it keeps."""
     block = lambda k: re.match(r'blocks\.(\d+)\.', k)
     state = {k: v for k, v in source.state.items()
              if not block(k) or int(block(k)[1]) < config.depths[0]}
     line = dataclasses.replace(source, state=state).load_into(model)
-    if source.recipe:  # ours, used
-        acc1 = source.saved.get('acc1')
-        line = f"loaded {source.path} (epoch {source.saved.get('epoch')}" + (
-            f", top-1 {acc1:.2f})" if acc1 is not None else ')')
+    saved = source.saved
+    if source is resumed and source.recipe:  # a classifier of ours, used
+        line = f"loaded {source.path} (epoch {saved['epoch']}"
+        if saved.get('step') == saved['steps_per_epoch'] and 'acc1' in saved:  # its own top-1
+            line += f", top-1 {saved['acc1']:.2f}"
+        line += ')'
     run.print(line)
 
 
@@ -316,10 +318,10 @@ def start(args, run):
     """Decide the settings, load the model, then export, predict, measure, evaluate or train."""
     config, recipe, resumed, source = settings(args, run)
     use = args.eval or args.predict or args.throughput or args.export
+    datasets = load_data(args, config, recipe) if not use or args.eval else {}
     run.print(f"input: {config.img_size}px, {config.in_chans} channels, mean {list(config.mean)} "
               f"std {list(config.std)} of 0-1 pixels, intensity {config.intensity}; evaluation "
               f"crop {config.crop_pct}")
-    datasets = load_data(args, config, recipe) if not use or args.eval else {}
     if args.eval and not source.config.get('classes') and len(config.classes) != \
             config.num_classes:
         run.print(f"warning: '{resumed.path}' names no classes: its outputs 0-"
@@ -328,7 +330,7 @@ def start(args, run):
     torch.manual_seed(recipe['seed'])  # the new head's initialisation
     model = build_model(config, recipe, args, train=not use)
     if source and (use or not resumed):
-        load_weights(model, config, source, run)
+        load_weights(model, config, source, resumed, run)
     if args.export:
         if run.main:
             call = checkpoints.export(model, config, args.export)
@@ -444,7 +446,8 @@ def evaluate(model, loader, run, amp_context):
         dist.all_reduce(confusion)
     confusion = confusion.view(k, k).long()
     (loss, top5, n), hits = totals.tolist(), confusion.diag()
-    per_class = [100 * h / c if c else None for h, c in zip(hits.tolist(), confusion.sum(1).tolist())]
+    counts = confusion.sum(1).tolist()
+    per_class = [100 * h / c if c else None for h, c in zip(hits.tolist(), counts)]
     return dict(loss=loss / max(n, 1), acc1=100 * hits.sum().item() / max(n, 1),
                 acc5=100 * top5 / max(n, 1) if k > 5 else None, images=int(n),
                 per_class=per_class, confusion=confusion.tolist())

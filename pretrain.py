@@ -24,7 +24,7 @@ DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo')
 RECIPE = dict(epochs=100, warmup_epochs=10, base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5,
               **engine.OPTIMIZATION, mask_patch_size=32, mask_ratio=0.6, scale=0.67, hflip=0.5,
               data_path=DEMO_DATA, pretrained=None)
-# What continued pretraining, a resumed run and --reconstruct take from their checkpoint unless given
+# What continued pretraining, a resumed run and --reconstruct take from the checkpoint if not given
 KEPT = models.SHAPE + ('mean', 'std', 'intensity', 'norm_target_window')
 
 
@@ -99,7 +99,7 @@ def pretrain(args, run):
     normalize = data.ToNormalizedTensor(config.mean, config.std)
     transform = data.PretrainTransform(config.img_size, mask_generator, normalize,
                                        recipe['scale'], recipe['hflip'])
-    if args.data_path is None:
+    if recipe['data_path'] == DEMO_DATA:
         run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
     dataset = data.ImageDataset(recipe['data_path'], transform, config.in_chans,
                                 intensity=config.intensity)
