@@ -8,6 +8,7 @@ timm; load_model() gives the model of any checkpoint, for use from Python.
 """
 import dataclasses
 import difflib
+import errno
 import json
 import os
 import pickle
@@ -78,6 +79,7 @@ def read(path, allow_pickle=False):
     (downloaded once; under torchrun by the first rank of each machine) -> Checkpoint, its
     checksum verified. Pickled objects (official checkpoints' yacs config) are refused unless
     allow_pickle: unpickling runs the file's code."""
+    path = os.fspath(path)
     if dist.is_available() and dist.is_initialized() and path in PUBLISHED \
             and not os.path.exists(path):
         if os.environ.get('LOCAL_RANK', '0') == '0':
@@ -85,8 +87,8 @@ def read(path, allow_pickle=False):
         dist.barrier()  # if it failed, torchrun ends the waiting ranks
     saved = load_file(path, allow_pickle)
     if not isinstance(saved, dict):
-        raise ValueError(f"'{path}' holds a {type(saved).__name__}, not a checkpoint (a dict of "
-                         f"weights)")
+        raise Corrupt(f"'{path}' holds a {type(saved).__name__}, not a checkpoint (a dict of "
+                      f"weights)")
     if 'checksum' in saved and saved.pop('checksum') != checksum(saved):
         raise Corrupt(f"checkpoint '{path}' is corrupted: its contents do not match the checksum "
                       f"saved with them (a bad copy or failing storage); resume from an earlier "
@@ -123,8 +125,11 @@ def load_file(path, allow_pickle):
             from safetensors.torch import load_file as load_safetensors  # installed with timm
             return load_safetensors(path)
         return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
-    except OSError as e:  # unreadable, not damaged
-        raise ValueError(f"cannot read '{path}': {e.strerror or e}") from None
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR):  # not damaged
+            raise ValueError(f"cannot read '{path}': {e.strerror or e}") from None
+        raise Corrupt(f"cannot load checkpoint '{path}' ({first_line(e)}); it is truncated, "
+                      f"corrupted or not a PyTorch checkpoint") from None
     except Exception as e:  # torch's text for no checkpoint advises weights_only=False: not shown
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
         if found:
@@ -143,13 +148,19 @@ def load_folder(path, allow_pickle):
     files = [os.path.join(path, f) for f in ('model.safetensors', 'pytorch_model.bin')]
     found = [f for f in files if os.path.isfile(f)]
     if not found:
-        raise ValueError(f"'{path}' is a folder without model.safetensors or pytorch_model.bin")
+        ours = ' (a run of ours: pass its checkpoint.pth)' if os.path.isfile(
+            os.path.join(path, 'checkpoint.pth')) else ''
+        raise ValueError(f"'{path}' is a folder without model.safetensors or pytorch_model.bin"
+                         f"{ours}")
     weights = load_file(found[0], allow_pickle)
     config = os.path.join(path, 'config.json')
     if not os.path.isfile(config):
         return weights
-    with open(config) as f:
-        return dict(model=weights, hf_config=json.load(f))
+    try:
+        with open(config) as f:
+            return dict(model=weights, hf_config=json.load(f))
+    except ValueError as e:
+        raise ValueError(f"'{config}' is not JSON ({e})") from None
 
 
 def from_flags(saved):
@@ -160,8 +171,14 @@ def from_flags(saved):
     if 'vit_norm' in args:
         config['fc_norm'] = args['vit_norm'] != 'final'
     kind = 'pretrain' if 'mask_ratio' in args else 'finetune'
-    recipe = dict(args, linear_probe=bool(args.get('linear_probe')))  # was None when not given
-    return dict(saved, config=config, recipe=recipe, kind=kind, batch_size=args.get('batch_size'),
+    recipe = {k: v for k, v in args.items() if v is not None}  # None: not given, unknown
+    recipe['linear_probe'] = bool(args.get('linear_probe'))
+    for key in ('data_path', 'pretrained'):  # as given, relative to where the run started
+        if recipe.get(key) and os.path.exists(recipe[key]):
+            recipe[key] = os.path.abspath(recipe[key])
+    if recipe.get('drop_path') is None and config.get('model') in models.MODELS:  # the official
+        recipe['drop_path'] = models.MODELS[config['model']]['drop_path'][kind == 'finetune']
+    return dict(saved, config=config, recipe=recipe, kind=kind,
                 steps_per_epoch=args.get('steps_per_epoch'))
 
 
@@ -251,8 +268,9 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
     latest = os.path.join(output, 'checkpoint.pth')
     auto = auto and os.path.isfile(latest)
     record = run_record(output) or {}
-    started_from = (record.get('args') or {}).get('resume')
-    if resume and auto and training and started_from == resume:
+    started_from = record.get('started_from', (record.get('args') or {}).get('resume'))
+    same = lambda a, b: a == b or a and b and os.path.abspath(a) == os.path.abspath(b)
+    if resume and auto and training and same(started_from, resume):
         say(f"{output} holds the progress of a run started from --resume {resume}: continuing it")
     elif resume:
         return read(resume, allow_pickle)
@@ -291,7 +309,7 @@ def export(model, config, path):
     -> the timm.create_model call that loads both."""
     state = models.to_timm_layout(model.state_dict())[0]
     cfg = models.pretrained_cfg(config)
-    entries = dict(state_dict=state, pretrained_cfg=cfg, intensity=config.intensity)
+    entries = dict(state_dict=state, pretrained_cfg=cfg, intensity=cfg.pop('intensity'))
     save_atomic(lambda f: torch.save(entries, f), path)
     kw = models.timm_kwargs(config)
     kw.pop('init_values', None)  # the timm name's own
@@ -313,7 +331,6 @@ def load_model(path, allow_pickle=False):
     build = models.build_simmim if ckpt.simmim else models.build_classifier
     model = build(config)
     models.load_pretrained(model, ckpt.state)
-    model.pretrained_cfg = dict(models.pretrained_cfg(config), intensity=config.intensity)
     return model.eval()
 
 

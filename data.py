@@ -58,7 +58,7 @@ class ToNormalizedTensor:
     def __init__(self, mean, std):
         if mean is None or std is None:
             raise ValueError("images of other than 1 or 3 channels need a mean and a std for each "
-                             "channel (ImageNet's are the defaults for 3 or 1)")
+                             "channel: give --mean and --std (pretrain.py --stats computes them)")
         self.mean, self.std = list(mean), list(std)
         std = torch.tensor(self.std).view(-1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -torch.tensor(self.mean).view(-1, 1, 1) / std
@@ -119,7 +119,8 @@ def finetune_transform(img_size, normalize, auto_augment='rand-m9-mstd0.5-inc1',
         if isinstance(t, T.Normalize):
             steps.append(normalize)
         elif isinstance(t, T.ColorJitter) and len(normalize.mean) not in (1, 3):
-            continue  # brightness, contrast and saturation of 1 or 3 channels
+            warnings.warn(f"color jitter changes 1 or 3 channels, not {len(normalize.mean)}: "
+                          f"left out (--color-jitter 0 says so)")
         elif not isinstance(t, T.ToTensor):
             steps.append(t)
     return T.Compose(steps)
@@ -224,7 +225,7 @@ def to_unit_range(pixels, intensity, type_max, path):
         _warned.append(path)
         warnings.warn(f"{path}: its pixels reach {finite.max():.0f} of {type_max} (12-bit data in "
                       f"16-bit files?), so it reads nearly black with the 'type' intensity rule; "
-                      f"give the data's maximum, 'image' or 'percentile' instead")
+                      f"give --intensity the data's maximum, 'image' or 'percentile'")
     pixels = np.clip(np.nan_to_num(pixels, nan=low), low, high)
     return np.ascontiguousarray((pixels - low) / max(high - low, 1e-12), dtype=np.float32)
 
@@ -338,7 +339,7 @@ class ImageDataset(Dataset):
         if unknown:
             shown = ', '.join(classes[:5]) + ', ...' * (len(classes) > 5)
             raise ValueError(f"'{self.root}' has class folders that are not among the "
-                             f"{len(classes)} classes it is labelled with ({shown}): "
+                             f"{len(classes)} classes of the model ({shown}): "
                              f"{', '.join(unknown[:5])}")
         index = {c: i for i, c in enumerate(classes)}
         found, self.classes = self.classes, list(classes)

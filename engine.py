@@ -37,8 +37,9 @@ import checkpoints
 import models
 
 # The optimization defaults both scripts share (README: the official recipes)
-OPTIMIZATION = dict(lr_scheduler='cosine', multisteps=[], gamma=0.1, weight_decay=0.05,
-                    clip_grad=5.0, accumulation_steps=1, seed=0, drop_path=None)
+OPTIMIZATION = dict(batch_size=128, lr_scheduler='cosine', multisteps=[], gamma=0.1,
+                    weight_decay=0.05, clip_grad=5.0, accumulation_steps=1, seed=0, drop_path=None,
+                    amp=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         for action in self._actions:  # the recipe's defaults, in the help: set last
             default = self.recipe.get(action.dest)
-            if default is not None and 'default' not in (action.help or ''):
+            if default not in (None, True, False) and 'default' not in (action.help or ''):
                 shown = f"default: {default!r}"
                 if self.probe and self.probe.get(action.dest, default) != default:
                     shown += f"; --linear-probe: {self.probe[action.dest]!r}"
@@ -80,7 +81,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, but None, switches' and those the help gives."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or 'default' in (action.help or ''):
+        if action.default in (None, True, False) or 'default' in (action.help or ''):
             return action.help
         return super()._get_help_string(action)
 
@@ -141,7 +142,7 @@ def add_data_args(g):
                    help="how deeper images and .npy arrays become 0-1: 'type' (default: their "
                         "type's range; floats their min-max), 'image' (its min-max), "
                         "'percentile' (0.5-99.5), or the value that becomes white (4095)")
-    g.add_argument('--batch-size', type=SIZE, default=128, help='per process and micro-step')
+    g.add_argument('--batch-size', type=SIZE, help='per process and micro-step')
     g.add_argument('--num-workers', type=COUNT, default=min(8, os.cpu_count() or 1),
                    help='loader processes per GPU (default: 8, or the CPUs if fewer)')
     g.add_argument('--mean', type=number('(-inf, inf)'), nargs='+',
@@ -161,14 +162,14 @@ def add_optimization_args(g):
     g.add_argument('--weight-decay', type=AMOUNT, help='official exemptions: README, Fidelity')
     g.add_argument('--accumulation-steps', type=SIZE, help='micro-batches per optimizer step')
     g.add_argument('--clip-grad', type=AMOUNT, help='max gradient norm; 0 = none')
-    g.add_argument('--amp', choices=['bf16', 'fp16', 'off'],
-                   help='default: bf16 where native (recent GPUs, CPUs with AVX512-BF16 or '
-                        'AMX), else fp16 (with a gradient scaler) on GPUs, off on CPUs')
     g.add_argument('--max-nonfinite', type=SIZE, default=20,
                    help='stop after this many steps in a row with a non-finite loss or gradient')
 
 
 def add_run_args(g, output, compile):
+    g.add_argument('--amp', choices=['bf16', 'fp16', 'off'],
+                   help='default: bf16 where native (recent GPUs, CPUs with AVX512-BF16 or '
+                        'AMX), else fp16 (with a gradient scaler) on GPUs, off on CPUs')
     g.add_argument('--compile', default=compile, choices=['auto', 'on', 'off'],
                    help='torch.compile the training step (the first compiles a minute or two); '
                         'auto: on GPUs, where it was measured faster')
@@ -198,9 +199,9 @@ def add_run_args(g, output, compile):
 # ---------------------------------------------------------------------------------------------
 # Settings: the recipe, and what a resumed or used checkpoint may not change
 
-def recipe(args, world_size, defaults, inherited=None):
+def recipe(args, run, defaults, inherited=None):
     """What a run trains and how, which a resumed run keeps: for each key of defaults its flag,
-    else inherited's (a checkpoint's), else the default; and the effective batch."""
+    else inherited's (a checkpoint's), else the default; the effective batch and amp on this run."""
     inherited = inherited or {}
     values = {}
     for key, default in defaults.items():
@@ -209,18 +210,21 @@ def recipe(args, world_size, defaults, inherited=None):
             values[key] = inherited.get(key)
         if values[key] is None:
             values[key] = default
-    values['effective_batch'] = args.batch_size * world_size * values['accumulation_steps']
+    values['effective_batch'] = values['batch_size'] * run.world_size * values['accumulation_steps']
+    values['amp'] = autocast(values['amp'], run.device)[0]
+    for key in ('data_path', 'pretrained'):  # paths, not names, wherever the run is resumed from
+        if values.get(key) and os.path.exists(values[key]):
+            values[key] = os.path.abspath(values[key])
     return values
 
 
 def check_changes(run, path, saved, given, accept, use=False):
     """Refuse to resume path with settings (given; None: not given) other than saved, unless
     --accept-changes; to use it (evaluate, predict, export) with other ones at all."""
-    same = lambda a, b: (list(a) if isinstance(a, (list, tuple)) else a) == \
-        (list(b) if isinstance(b, (list, tuple)) else b)
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
     name = lambda k: 'the effective batch' if k == 'effective_batch' else '--' + k.replace('_', '-')
-    changed = [f"{name(k)} {saved[k]} -> {v}" for k, v in given.items()
-               if v is not None and k in saved and not same(saved[k], v)]
+    changed = [f"{name(k)} {plain(saved[k])} -> {plain(v)}" for k, v in given.items()
+               if v is not None and k in saved and plain(saved[k]) != plain(v)]
     if not changed:
         return
     changed = ', '.join(changed)
@@ -318,17 +322,24 @@ class Run:
             raise ValueError(f"--output '{self.output}' is not a folder that can be written "
                              f"({e.strerror}); choose another") from None
 
-    def start_output(self, args, start, steps_per_epoch):
-        """Create --output and claim it: args.json names this run (with its flags and library
-        versions), and log.jsonl keeps the records up to global step `start` (the checkpoint
-        resumed). An unwritable folder fails now, not at the first checkpoint."""
+    def start_output(self, args, entries, resumed, start, steps_per_epoch):
+        """Create --output and claim it: args.json names this run, its flags, settings (entries'
+        config and recipe), library versions and the --resume its series of runs started from;
+        log.jsonl keeps the records up to global step `start` (the checkpoint resumed). An
+        unwritable folder fails now, not at the first checkpoint."""
         self.make_output()
         if not self.main:
             return
-        info = dict(run=self.id, args=vars(args), world_size=self.world_size,
-                    device=str(self.device), python=platform.python_version(),
-                    torch=torch.__version__, torchvision=torchvision.__version__,
-                    timm=timm.__version__, command=' '.join(sys.argv))
+        previous = checkpoints.run_record(self.output) or {}
+        started_from = args.resume or (previous.get('started_from') if resumed else None)
+        if started_from and os.path.exists(started_from):
+            started_from = os.path.abspath(started_from)
+        info = dict(run=self.id, args=vars(args), config=entries['config'],
+                    recipe=entries['recipe'], started_from=started_from,
+                    world_size=self.world_size, device=str(self.device),
+                    python=platform.python_version(), torch=torch.__version__,
+                    torchvision=torchvision.__version__, timm=timm.__version__,
+                    command=' '.join(sys.argv))
         text = json.dumps(info, indent=1).encode()
         checkpoints.save_atomic(lambda f: f.write(text), os.path.join(self.output, 'args.json'))
         log, kept = os.path.join(self.output, 'log.jsonl'), []
@@ -505,7 +516,7 @@ class Trainer:
         self.recipe, self.args, self.run = recipe, args, run
         self.wrapped = wrap(model, run, getattr(args, 'compile', 'off'))
         self.scheduler = schedule.scheduler(optimizer)
-        self.amp, self.autocast = autocast(args.amp, run.device)
+        self.amp, self.autocast = autocast(recipe['amp'], run.device)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.amp == 'fp16')
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite = torch.zeros(3, device=run.device)  # streak, longest streak, total
@@ -564,7 +575,16 @@ class Trainer:
         return dict(optimizer=self.optimizer.state_dict(), trainer=trainer)
 
     def load_state_dict(self, checkpoint):
-        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        """The optimizer's state and the counts; the groups' weight decay and lr scale stay this
+        run's (--accept-changes)."""
+        keep = [(g['weight_decay'], g['lr_scale']) for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(checkpoint['optimizer'])
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's optimizer state does not fit ({e}): resume with "
+                             f"the model and parameters it was trained with") from None
+        for group, (weight_decay, lr_scale) in zip(self.optimizer.param_groups, keep):
+            group.update(weight_decay=weight_decay, lr_scale=lr_scale)
         state = checkpoint['trainer']
         if state['scaler'] and self.scaler.is_enabled():  # fp16 before and now, else anew
             self.scaler.load_state_dict(state['scaler'])
@@ -585,13 +605,12 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
     update entries. -> True when done, False when stopped by a SIGTERM."""
     run, args, schedule = trainer.run, trainer.args, trainer.schedule
     start_epoch, start_step = resume(trainer, resumed) if resumed else (0, 0)
-    run.start_output(args, start_epoch * schedule.steps_per_epoch + start_step,
-                     schedule.steps_per_epoch)
+    run.start_output(args, entries, bool(resumed), start_epoch * schedule.steps_per_epoch +
+                     start_step, schedule.steps_per_epoch)
 
     def state(epoch, step):
         return dict(entries, model=trainer.model.state_dict(), **trainer.state_dict(), epoch=epoch,
-                    step=step, steps_per_epoch=schedule.steps_per_epoch,
-                    batch_size=args.batch_size)
+                    step=step, steps_per_epoch=schedule.steps_per_epoch)
 
     run.training = True  # from here a SIGTERM saves and stops the run at the next log line
     for epoch in range(start_epoch, schedule.epochs):
@@ -603,10 +622,16 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
         copies = [f'ckpt_epoch_{epoch}.pth'] * numbered + copies
         run.save(state(epoch, schedule.steps_per_epoch), copies)
         if run.stopping:
-            run.print(f"SIGTERM: stopped after epoch {epoch}; rerun the same command to resume")
+            run.print(f"SIGTERM: stopped after epoch {epoch}; {how_to_resume(args)}")
             return False
     trainer.check_nonfinite(schedule.epochs * schedule.steps_per_epoch, final=True)
     return True
+
+
+def how_to_resume(args):
+    if args.auto_resume:
+        return "rerun the same command to resume"
+    return "rerun the command without --no-auto-resume to resume (with it, it starts afresh)"
 
 
 def resume(trainer, checkpoint):
@@ -624,17 +649,18 @@ def resume(trainer, checkpoint):
     trainer.load_state_dict(saved)
     epoch, steps = saved['epoch'], saved['steps_per_epoch']
     step = saved.get('step', steps)
-    if step >= steps:
-        position = epoch + 1, 0
-    else:
-        before, now = checkpoint.recipe, trainer.recipe
-        batch = saved['batch_size'], before['accumulation_steps'], before['effective_batch']
-        if batch != (trainer.args.batch_size, now['accumulation_steps'], now['effective_batch']):
-            raise ValueError(f"'{path}' stopped inside epoch {epoch} with another batch (per "
-                             f"process and step: {batch[0]} x {batch[1]}, in all {batch[2]}); "
-                             f"resume it with the same one, or from the end of an epoch "
-                             f"(--resume OUTPUT/ckpt_epoch_N.pth)")
-        position = epoch, step
+    keys = 'batch_size', 'accumulation_steps', 'effective_batch'
+    batch = [checkpoint.recipe[k] for k in keys]
+    if step < steps and batch != [trainer.recipe[k] for k in keys]:
+        raise ValueError(f"'{path}' stopped inside epoch {epoch} with another batch (per process "
+                         f"and step: {batch[0]} x {batch[1]}, in all {batch[2]}); resume it with "
+                         f"the same one (--batch-size {batch[0]}), or from the end of an epoch "
+                         f"(a ckpt_epoch_N.pth)")
+    if step < steps and steps != trainer.schedule.steps_per_epoch:
+        raise ValueError(f"'{path}' stopped inside an epoch of {steps} steps; the data now make "
+                         f"{trainer.schedule.steps_per_epoch}: resume with the same images, or "
+                         f"from the end of an epoch (a ckpt_epoch_N.pth)")
+    position = (epoch, step) if step < steps else (epoch + 1, 0)
     trainer.run.print(f"resumed from {path} at epoch {position[0]}"
                       + (f" step {position[1]}" if position[1] else ''))
     return position
@@ -648,7 +674,7 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, state, start=0):
     run, args, recipe = trainer.run, trainer.args, trainer.recipe
     steps, accumulation = trainer.schedule.steps_per_epoch, recipe['accumulation_steps']
     trainer.wrapped.train()
-    loader.sampler.set_epoch(epoch, skip=start * accumulation * args.batch_size)
+    loader.sampler.set_epoch(epoch, skip=start * accumulation * recipe['batch_size'])
     batches = iter(itertools.islice(loader, (steps - start) * accumulation))
     epoch_start = time.time()
     if start == 0:  # else the checkpoint's sum of the steps before it
@@ -678,8 +704,8 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, state, start=0):
             trainer.epoch_loss.fill_(mean)
             run.save(state(epoch, it + 1))
             if run.stopping:
-                run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; rerun the "
-                          f"same command to resume")
+                run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; "
+                          f"{how_to_resume(args)}")
                 return False
     mean_loss, = run.sync(trainer.epoch_loss.item() / trainer.epoch_steps)
     seconds = time.time() - epoch_start

@@ -118,26 +118,33 @@ def settings(args, run):
     checkpoint, source checkpoint: the resumed one or --pretrained)."""
     use = bool(args.eval or args.predict or args.throughput or args.export)
     check_modes(args)
-    resumed = checkpoints.find_resume(args.output, args.resume, args.auto_resume,
-                                      training=not use, allow_pickle=args.allow_pickle,
-                                      say=run.print)
+    if use:  # the checkpoint named, not OUTPUT's
+        resumed = checkpoints.read(args.resume, args.allow_pickle) if args.resume else None
+    else:
+        resumed = checkpoints.find_resume(args.output, args.resume, args.auto_resume,
+                                          allow_pickle=args.allow_pickle, say=run.print)
     source = resumed
     if args.pretrained and not resumed:
         source = checkpoints.read(args.pretrained, args.allow_pickle)
     check_sources(args, resumed, source, use)
     inherited = resumed.recipe if resumed else {}
     probe = args.linear_probe or inherited.get('linear_probe')
-    recipe = engine.recipe(args, run.world_size, PROBE if probe else RECIPE, inherited)
-    if resumed and resumed.recipe:  # ours: the model, the data and (training) the recipe
-        kept = models.SHAPE + ('mean', 'std', 'intensity')
-        given = {k: v for k, v in model_flags(args).items() if k in kept}
-        given.update(dict(linear_probe=args.linear_probe, probe_block=args.probe_block) if use
-                     else recipe)
+    recipe = engine.recipe(args, run, PROBE if probe else RECIPE, inherited)
+    if resumed:  # its model, and (training) its recipe
         saved = dict(resumed.recipe, **resumed.config)
+        saved['vit_norm'] = 'fc' if saved.get('fc_norm', True) else 'final'
+        given = dict(model_flags(args), fc_norm=None, vit_norm=args.vit_norm)
+        if use:  # evaluating at another crop is a use of it
+            given['crop_pct'] = None
+            given.update(linear_probe=args.linear_probe, probe_block=args.probe_block)
+        else:
+            given.update(recipe)
         engine.check_changes(run, resumed.path, saved, given, args.accept_changes, use)
     config = model_settings(args, recipe, resumed, source, use)
     if recipe['layer_decay'] is None:
         recipe['layer_decay'] = LAYER_DECAY.get(config.model, 0.9)
+    if recipe['drop_path'] is None:  # the official
+        recipe['drop_path'] = models.MODELS[config.model]['drop_path'][1]
     unset = [f"--{k.replace('_', '-')} {v!r}" for k, v in PROBE_CHANGES.items()
              if getattr(args, k) is None and not resumed]
     if probe and not use:
@@ -152,6 +159,8 @@ def check_modes(args):
         raise ValueError(f"{' and '.join(modes)} each run alone: pass one of them")
     if args.predict_csv and not args.predict:
         raise ValueError("--predict-csv writes the predictions of --predict IMG ...: pass both")
+    if modes and args.resume and args.pretrained:
+        raise ValueError(f"{modes[0]} uses one checkpoint: pass --resume or --pretrained")
 
 
 def check_sources(args, resumed, source, use):
@@ -174,8 +183,10 @@ def check_sources(args, resumed, source, use):
         raise ValueError("--export writes a trained model: export the probe's checkpoint "
                          "(--resume PATH), or the encoder without --linear-probe")
     if resumed and resumed.kind != 'finetune' and not use:
+        fix = "start from it with --pretrained" if args.resume else \
+            "give another --output (or --no-auto-resume)"
         raise ValueError(f"'{resumed.path}' is no finetune.py checkpoint, so training cannot "
-                         f"resume from it; start from it with --pretrained")
+                         f"resume from it; {fix}")
 
 
 def model_flags(args):
@@ -197,14 +208,16 @@ def model_settings(args, recipe, resumed, source, use):
         if args.img_size is None and saved.get('img_size') not in (None, 192, 224):
             keys += ('img_size', 'window_size')  # not the ImageNet recipe's 192 -> 224
         fields = models.inherit(saved, given, keys)
-        if fields['fc_norm'] is None and args.export:  # an exported encoder: its final norm
-            fields['fc_norm'] = False
+    if args.export and source.simmim and given['fc_norm'] is None:  # an encoder: its final norm
+        fields['fc_norm'] = False
     if not use or args.eval:
         fields.update(class_fields(args, recipe['data_path'], fields, resumed))
     if args.throughput and not fields['num_classes']:
         fields['num_classes'] = 1000
     config = models.model_config(pretrain=False, **fields)
     family = models.MODELS[config.model]['family']
+    if args.vit_norm and family != models.VIT:
+        raise ValueError(f"--vit-norm is for ViT models, not {config.model}: leave it out")
     if source and not resumed and family == models.SWINV2:
         windows = pretraining_windows(saved)
         config = dataclasses.replace(config, pretrained_window_sizes=windows)
@@ -214,7 +227,7 @@ def model_settings(args, recipe, resumed, source, use):
                          "the last stage)")
     if block and block > depth:
         hint = ("; a probe keeps only the blocks it reads: start afresh (--no-auto-resume or "
-                "another --output)" if resumed else '')
+                "another --output)" if resumed and not use else '')
         raise ValueError(f"--probe-block {block}, but the model has {depth} blocks{hint}")
     if block:  # the blocks past it go: the config says so
         config = dataclasses.replace(config, depths=(block,))
@@ -231,9 +244,10 @@ def pretraining_windows(saved):
 def class_fields(args, data_path, fields, resumed):
     """num_classes and classes: training, the class folders of DATA/train; evaluation, the
     checkpoint's names, else those of DATA/val."""
-    if data_path is None:
-        raise ValueError("give --data-path, a folder with train/ and val/ class folders (the "
-                         "demo: --data-path demo)")
+    if data_path is None or not os.path.isdir(data_path):
+        given = f"'{data_path}' is not a folder: " if data_path else ''
+        raise ValueError(f"give --data-path {given}a folder with train/ and val/ class folders "
+                         f"(the demo: --data-path demo)")
     for split in ['val'] if args.eval else ['train', 'val']:
         if not os.path.isdir(os.path.join(data_path, split)):
             raise ValueError(f"--data-path '{data_path}' has no {split}/ folder; fine-tuning "
@@ -263,8 +277,8 @@ def load_data(args, config, recipe):
         raise ValueError(f"RandAugment (--aa) works on 1- or 3-channel images, not "
                          f"{config.in_chans}: pass --aa ''")
     mixed = recipe['mixup'] > 0 or recipe['cutmix'] > 0
-    if not args.eval and mixed and args.batch_size % 2:
-        raise ValueError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    if not args.eval and mixed and recipe['batch_size'] % 2:
+        raise ValueError(f"mixup/cutmix need an even --batch-size, got {recipe['batch_size']}")
     transforms = {}
     if not args.eval:
         transforms['train'] = data.finetune_transform(
@@ -304,8 +318,8 @@ def load_weights(model, config, source, resumed, run):
     line = dataclasses.replace(source, state=state).load_into(model)
     saved = source.saved
     if source is resumed and source.recipe:  # a classifier of ours, used
-        line = f"loaded {source.path} (epoch {saved['epoch']}"
-        if saved.get('step') == saved['steps_per_epoch'] and 'acc1' in saved:  # its own top-1
+        line = f"loaded {source.path} (epoch {saved.get('epoch')}"
+        if saved.get('step') == saved.get('steps_per_epoch') and 'acc1' in saved:  # its top-1
             line += f", top-1 {saved['acc1']:.2f}"
         line += ')'
     run.print(line)
@@ -339,14 +353,13 @@ def start(args, run):
     model.to(run.device)
     models.use_fused_attention(model, run.device.type == 'cuda')
     _, amp = engine.autocast(args.amp, run.device)
-    model.pretrained_cfg = dict(models.pretrained_cfg(config), intensity=config.intensity)
     if args.predict:
         if run.main:
             predict(model, args.predict, args.predict_csv, amp)
         return
     if args.throughput:
-        return throughput(model, config, args.batch_size, run, amp)
-    val_loader = data.build_loader(datasets['val'], args.batch_size, args.num_workers,
+        return throughput(model, config, recipe['batch_size'], run, amp)
+    val_loader = data.build_loader(datasets['val'], recipe['batch_size'], args.num_workers,
                                    recipe['seed'], run.world_size, run.rank, train=False)
     if args.eval:
         stats = evaluate(model, val_loader, run, amp)
@@ -355,7 +368,7 @@ def start(args, run):
 
 
 def finetune(args, run, config, recipe, model, train_set, val_loader, resumed):
-    loader = data.build_loader(train_set, args.batch_size, args.num_workers, recipe['seed'],
+    loader = data.build_loader(train_set, recipe['batch_size'], args.num_workers, recipe['seed'],
                                run.world_size, run.rank)
     schedule = engine.Schedule(recipe, len(loader), run.world_size)
     # AdamW with layer-wise lr decay (a probe: SGD), the per-step schedule with linear warmup
@@ -401,8 +414,8 @@ def finetune(args, run, config, recipe, model, train_set, val_loader, resumed):
         return ['best.pth'] if epoch == 0 or best else []
 
     if engine.fit(trainer, loader, loss_fn, resumed, entries, end_epoch):
-        run.print(f"done: best top-1 {entries['max_accuracy']:.2f}%; checkpoints (best.pth) and "
-                  f"log.jsonl are in {args.output}")
+        run.print(f"done: best top-1 {entries['max_accuracy']:.2f}%; checkpoints and log.jsonl "
+                  f"are in {args.output}")
 
 
 def mixing(recipe, num_classes):

@@ -136,6 +136,18 @@ def check(config):
     if given and (not c.mean or not c.std or {len(c.mean), len(c.std)} != {n} or min(c.std) <= 0):
         raise ValueError(f"images of {n} channels need a mean and a std for each channel, std "
                          f"above 0 (the defaults are ImageNet's, for 3 or 1 channels)")
+    sizes = dict(img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim,
+                 in_chans=c.in_chans, window_size=1 if vit else c.window_size,
+                 depth=min(c.depths), heads=min(c.num_heads))
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{c.model}'s {name.replace('_', ' ')} must be at least 1, got {size}")
+    number = isinstance(c.intensity, (int, float)) and c.intensity > 0
+    rule = c.intensity in ('type', 'image', 'percentile') or number
+    if not (0 < c.crop_pct <= 1 and c.num_classes >= 0 and rule):
+        raise ValueError(f"crop_pct must be in (0, 1], num_classes at least 0, intensity 'type', "
+                         f"'image', 'percentile' or a number above 0; got {c.crop_pct}, "
+                         f"{c.num_classes}, {c.intensity!r}")
     if vit and (len(c.depths) != 1 or len(c.num_heads) != 1):
         raise ValueError(f"{c.model} takes one depth and one head count, got depths "
                          f"{c.depths}, heads {c.num_heads}")
@@ -192,12 +204,12 @@ def inherit(saved, given, keys):
 
 
 def pretrained_cfg(config):
-    """timm's pretrained_cfg of config: its preprocessing and label names."""
+    """timm's pretrained_cfg of config: its preprocessing and label names; and our intensity."""
     c = config
     names = tuple(class_names(c.num_classes, c.classes)) if c.num_classes else None
     return dict(input_size=(c.in_chans, c.img_size, c.img_size), mean=c.mean, std=c.std,
                 interpolation='bicubic', crop_pct=c.crop_pct, num_classes=c.num_classes,
-                label_names=names)
+                label_names=names, intensity=c.intensity)
 
 
 def class_names(num_classes, names=None):
@@ -410,7 +422,7 @@ def as_config(config, pretrain, fields):
     """model_config of a ModelConfig or a model name, with fields changed."""
     if isinstance(config, ModelConfig):
         fields = dict(dataclasses.asdict(config), **fields)
-        config = fields.pop('model')
+    config = fields.pop('model', config)
     return model_config(config, pretrain, **fields)
 
 
@@ -427,7 +439,9 @@ def build_simmim(config='swin_base', *, drop_path_rate=None, use_checkpoint=Fals
         encoder = (SwinEncoder if named['family'] == SWIN else SwinV2Encoder)(**kw)
         stride = config.patch_size * 2 ** (len(config.depths) - 1)
     encoder.set_grad_checkpointing(use_checkpoint)
-    return SimMIM(encoder, stride, config.norm_target_window)
+    model = SimMIM(encoder, stride, config.norm_target_window)
+    model.pretrained_cfg = pretrained_cfg(config)
+    return model
 
 
 def build_classifier(config='swin_base', *, drop_path_rate=None, use_checkpoint=False, **fields):
@@ -444,6 +458,7 @@ def build_classifier(config='swin_base', *, drop_path_rate=None, use_checkpoint=
     else:
         model = (SwinTransformer if named['family'] == SWIN else SwinTransformerV2)(**kw)
     model.set_grad_checkpointing(use_checkpoint)
+    model.pretrained_cfg = pretrained_cfg(config)
     return use_fused_attention(model)
 
 
@@ -504,18 +519,19 @@ def family(model):
 
 def param_groups(model, weight_decay, layer_decay=None):
     """The trainable parameters in groups of the official weight decay (NO_DECAY) of a SimMIM model
-    or a classifier; with layer_decay each group's lr_scale is decay^(N + 1 - layer_id)."""
+    or a classifier; with layer_decay a group per layer, lr_scale decay^(N + 1 - layer_id). The
+    groups are the same whatever the values (a resumed optimizer's state fits them)."""
     exempt = NO_DECAY[family(model), isinstance(model, SimMIM)]
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.endswith('.bias') or not exempt.isdisjoint(name.split('.'))
-        scale = 1.0
+        layer, scale = 0, 1.0
         if layer_decay is not None:
             layer, n = layer_id(name, model)
             scale = layer_decay ** (n + 1 - layer)
-        group = groups.setdefault((no_decay, scale), dict(
+        group = groups.setdefault((no_decay, layer), dict(
             params=[], weight_decay=0. if no_decay else weight_decay, lr_scale=scale))
         group['params'].append(p)
     return list(groups.values())

@@ -70,21 +70,25 @@ def settings(args, run, resume=True):
         resumed = checkpoints.find_resume(args.output, args.resume, args.auto_resume,
                                           allow_pickle=args.allow_pickle, say=run.print)
     if resumed and resumed.kind != 'pretrain':
+        fix = "start from its weights with --pretrained" if args.resume else \
+            "give another --output (or --no-auto-resume)"
         raise ValueError(f"'{resumed.path}' is no pretrain.py checkpoint, so pretraining cannot "
-                         f"resume from it; start from its weights with --pretrained")
+                         f"resume from it; {fix}")
     source = resumed
     if args.pretrained and not resumed:
         source = checkpoints.read(args.pretrained, args.allow_pickle)
     inherited = resumed.recipe if resumed else {}  # a resumed run: all it is not given
     if source and not resumed:  # continued pretraining: its mask squares
         inherited = {'mask_patch_size': source.recipe.get('mask_patch_size')}
-    recipe = engine.recipe(args, run.world_size, RECIPE, inherited)
+    recipe = engine.recipe(args, run, RECIPE, inherited)
     given = {k: getattr(args, k, None) for k in models.FIELDS}
     if resumed:
         saved = dict(resumed.recipe, **resumed.config)
         engine.check_changes(run, resumed.path, saved, dict(recipe, **given), args.accept_changes)
     fields = models.inherit(source.config, given, KEPT) if source else given
     config = models.model_config(pretrain=True, **fields)
+    if recipe['drop_path'] is None:  # the official
+        recipe['drop_path'] = models.MODELS[config.model]['drop_path'][0]
     return config, recipe, resumed, source
 
 
@@ -104,7 +108,7 @@ def pretrain(args, run):
     dataset = data.ImageDataset(recipe['data_path'], transform, config.in_chans,
                                 intensity=config.intensity)
     dataset.load(0)  # at least one readable image, else one clear error now, not in a worker
-    loader = data.build_loader(dataset, args.batch_size, args.num_workers, recipe['seed'],
+    loader = data.build_loader(dataset, recipe['batch_size'], args.num_workers, recipe['seed'],
                                run.world_size, run.rank)
     schedule = engine.Schedule(recipe, len(loader), run.world_size)
     model.to(run.device)

@@ -34,6 +34,11 @@ def fixture(name):
     return torch.load(os.path.join(FIXTURES, name), map_location='cpu', weights_only=True)
 
 
+def cpu_run(world_size=1):
+    """What engine needs of a Run, for one process on the CPU."""
+    return type('run', (), dict(device=torch.device('cpu'), distributed=False, world_size=world_size))()
+
+
 def timm_state(checkpoint):
     return models.to_timm_layout(checkpoint)[0]
 
@@ -431,7 +436,7 @@ def test_weight_decay_groups_and_lr_schedules_follow_the_recipe():
     model = tiny_simmim('swinv2_tiny')
     args = pretrain.get_args_parser().parse_args(['--model', 'swinv2_tiny', '--epochs', '10', '--warmup-epochs', '2',
                                                   '--batch-size', '64'])
-    recipe = engine.recipe(args, 2, pretrain.RECIPE)
+    recipe = engine.recipe(args, cpu_run(world_size=2), pretrain.RECIPE)
     schedule = engine.Schedule(recipe, 25, 2)
     assert '25 steps per epoch' in str(schedule)  # 25 batches per process
     assert recipe['effective_batch'] == 128 and schedule.lr == 2e-4 * 128 / 512 and schedule.min_lr == 1e-5 / 4
@@ -540,7 +545,7 @@ def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
     args = pretrain.get_args_parser().parse_args(['--model', 'swin_tiny', '--amp', amp, '--max-nonfinite', '2'])
-    recipe = engine.recipe(args, 1, pretrain.RECIPE)
+    recipe = engine.recipe(args, cpu_run(), pretrain.RECIPE)
     run = type('run', (), {'device': torch.device('cpu'), 'distributed': False})()
     scheduler = type('scheduler', (), {'step_update': lambda self, step: None})()
     schedule = type('schedule', (), {'scheduler': lambda self, optimizer: scheduler})()
@@ -841,6 +846,9 @@ def test_finetune_auto_resumes(finetuned, tmp_path, capsys):
     import shutil
     shutil.copytree(finetuned / 'ft', tmp_path / 'ft')
     before = torch.load(tmp_path / 'ft' / 'checkpoint.pth', weights_only=True)
+    with pytest.raises(SystemExit, match=r"with other settings than it was trained with: --crop-pct 0.875 -> 1.0;"):
+        finetune.main(finetune.get_args_parser().parse_args([  # another evaluation: another best.pth
+            '--data-path', str(finetuned / 'data'), '--output', str(tmp_path / 'ft'), '--crop-pct', '1']))
     finetune.main(finetune.get_args_parser().parse_args([
         '--data-path', str(finetuned / 'data'), '--batch-size', '4', '--epochs', '5', '--warmup-epochs', '0',
         '--num-workers', '0', '--amp', 'off', '--mixup', '0', '--cutmix', '0', '--output', str(tmp_path / 'ft'),
@@ -1011,6 +1019,10 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypat
     with pytest.raises(SystemExit, match=r"stopped inside epoch 1 with another batch \(per process and step: 4 x 1, "
                                          r"in all 4\); resume it with the same one"):  # its step counts 4 images
         pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--batch-size', '2', '--accept-changes'))
+    write_images(tmp_path / 'data' / 'more', 4, seed=1)  # the epoch's images counted in another order
+    with pytest.raises(SystemExit, match=r"stopped inside an epoch of 2 steps; the data now make 3: resume"):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
+    shutil.rmtree(tmp_path / 'data' / 'more')
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
     assert 'resumed from' in capsys.readouterr().out
     a = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)['model']
@@ -1084,6 +1096,22 @@ def test_checkpoints_of_the_earlier_format_load_and_resume(tmp_path, monkeypatch
     assert 'resumed from ft/checkpoint.pth at epoch 1' in capsys.readouterr().out
     finetune.main(finetune.get_args_parser().parse_args(ft + ['--output', 'ft_straight']))
     assert all(torch.equal(v, weights('ft')[k]) for k, v in weights('ft_straight').items())
+
+
+def test_the_first_resume_command_after_plain_reruns_still_continues_the_folder(tmp_path, capsys):
+    write_images(tmp_path / 'data', 8)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'old', '--epochs', '1'))
+    first = ['--resume', str(tmp_path / 'old' / 'checkpoint.pth'), '--accept-changes']
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *first, '--epochs', '2'))
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '3', '--accept-changes'))
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *first, '--epochs', '4'))
+    out = capsys.readouterr().out
+    assert re.search(r"resumed from .*/run/checkpoint.pth at epoch 3\n", out)  # not old/'s epoch 1 again
+    pretrain.main(pretrain.get_args_parser().parse_args([  # the rest, batch size too: the checkpoint's
+        '--output', str(tmp_path / 'run'), '--epochs', '5', '--accept-changes', '--num-workers', '0']))
+    out = capsys.readouterr().out
+    assert 'changed settings (--accept-changes): --epochs 4 -> 5\n' in out and '; amp off; device cpu' in out
+    assert [r['epoch'] for r in read_log(tmp_path / 'run') if 'epoch_loss' in r] == [1, 2, 3, 4]
 
 
 def test_continued_pretraining_takes_the_checkpoints_size_and_mask_squares(tmp_path):
@@ -1370,7 +1398,7 @@ def replay_official_steps(family, change=None):
          str(rec['warmup_epochs']), '--weight-decay', str(rec['weight_decay']), '--clip-grad', str(rec['clip_grad']),
          '--batch-size', '512', '--base-lr', str(rec['base_lr']), '--warmup-lr', str(rec['warmup_lr']),
          '--min-lr', str(rec['min_lr'])])  # 512 images per step: the lrs recorded are the lrs used
-    recipe = engine.recipe(args, 1, pretrain.RECIPE)
+    recipe = engine.recipe(args, cpu_run(), pretrain.RECIPE)
     if change:
         change(recipe)
     schedule = engine.Schedule(recipe, rec['steps_per_epoch'])
@@ -1461,7 +1489,9 @@ def test_resume_refuses_other_optimization_flags_unless_accepted_and_switches_am
         with pytest.raises(SystemExit, match='^error: --multisteps .*' + message):
             run('--epochs', '4', *extra, '--output', str(tmp_path / 'other'))
     run('--epochs', '1', '--num-workers', '1', '--print-freq', '5')  # flags that do not change the training: no error
-    run('--epochs', '2', '--accept-changes', '--amp', 'fp16')  # extended on purpose, and from fp32 to fp16
+    run('--epochs', '2', '--accept-changes', '--amp', 'fp16', '--weight-decay', '0.2')  # and from fp32 to fp16
+    groups = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['optimizer']['param_groups']
+    assert sorted(g['weight_decay'] for g in groups) == [0., 0.2]  # the new one, not the saved state's
     out = capsys.readouterr().out
     assert 'resuming with changed settings (--accept-changes): --epochs 1 -> 2' in out and 'resumed from' in out
     run('--epochs', '3', '--accept-changes', '--amp', 'off')  # and back: the scaler's state is left behind
@@ -1568,6 +1598,14 @@ def test_another_run_into_a_used_output_is_refused_and_eval_needs_a_classifier(f
             '--eval', '--resume', str(other), '--data-path', str(finetuned / 'data'), '--num-workers', '0']))
 
 
+def test_a_use_reads_the_checkpoint_it_names_not_outputs(finetuned, capsys):
+    finetune.main(finetune.get_args_parser().parse_args([  # --output holds the fine-tuned classifier
+        '--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--export', str(finetuned / 'enc.pth'),
+        '--output', str(finetuned / 'ft')]))
+    assert 'num_classes=0, ' in capsys.readouterr().out  # the encoder of --pretrained
+    os.remove(finetuned / 'enc.pth')
+
+
 def test_using_a_classifier_takes_its_settings_and_one_mode_at_a_time(finetuned, tmp_path):
     best, data_path = str(finetuned / 'ft' / 'best.pth'), str(finetuned / 'data')
     cases = [
@@ -1575,6 +1613,7 @@ def test_using_a_classifier_takes_its_settings_and_one_mode_at_a_time(finetuned,
         (['--eval', '--resume', best, '--img-size', '96'], r"'.*best.pth' was trained with other settings: --img-size "
                                                             r"224 -> 96; leave these flags out .they come from the"),
         (['--eval', '--resume', best, '--model', 'vit_small'], r".* settings: --model swin_tiny -> vit_small; leave"),
+        (['--predict', data_path, '--resume', best, '--num-classes', '5'], r".* settings: --num-classes 2 -> 5; leave"),
         (['--pretrained', str(finetuned / 'pre' / 'checkpoint.pth'), '--aa', 'bogus'],
          r"--aa 'bogus' is no timm augmentation policy: use e.g. rand-m9-mstd0.5-inc1"),
         (['--resume', best, '--export', best], r"--export '.*best.pth' is the checkpoint it would read"),
@@ -1666,6 +1705,10 @@ def test_a_corrupted_checkpoint_is_never_trained_from(tmp_path, capsys):
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '3', '--accept-changes'))
     out = capsys.readouterr().out
     assert 'passed over' in out and re.search(r"resumed from .*ckpt_epoch_2.pth at epoch 3", out)
+    os.truncate(latest, 5000)  # torch reads this one as an OSError
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '4', '--accept-changes'))
+    out = capsys.readouterr().out
+    assert 'checkpoint.pth\' (' in out and 'passed over' in out and re.search(r"from .*ckpt_epoch_2.pth at epoch 3", out)
 
 
 def test_plausible_mistakes_are_one_line_errors(tmp_path):
@@ -1799,15 +1842,16 @@ def test_an_exported_encoder_gives_our_features_in_timm(name, tmp_path, capsys):
     if name != 'vit_small':
         arch['window_size'] = simmim.encoder.layers[0].blocks[0].window_size[0]
     torch.save(dict(model=simmim.state_dict(), args=arch), tmp_path / 'pre.pth')
-    finetune.main(finetune.get_args_parser().parse_args([
-        '--pretrained', str(tmp_path / 'pre.pth'), '--img-size', str(size), '--export', str(tmp_path / 'enc.pth')]))
-    exported = eval(capsys.readouterr().out.split('in timm: ')[1].strip()).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         pooled, fmap = models.extract_features(simmim.encoder, x)
-        features = exported.forward_features(x)
-        theirs = exported.forward_head(features, pre_logits=True)
-    torch.testing.assert_close(theirs, pooled, atol=1e-5, rtol=1e-5)
+    for flag in ('--resume', '--pretrained'):  # pretraining weights export as the encoder either way
+        finetune.main(finetune.get_args_parser().parse_args([
+            flag, str(tmp_path / 'pre.pth'), '--img-size', str(size), '--export', str(tmp_path / 'enc.pth')]))
+        exported = eval(capsys.readouterr().out.split('in timm: ')[1].strip()).eval()
+        with torch.no_grad():
+            theirs = exported.forward_head(exported.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(theirs, pooled, atol=1e-5, rtol=1e-5)
     assert exported.pretrained_cfg['mean'] == (0.5,) * 3 and exported.pretrained_cfg['input_size'] == (3, size, size)
     back = checkpoints.load_model(str(tmp_path / 'enc.pth'))  # the encoder, no head and no (random) decoder
     assert not isinstance(back, models.SimMIM) and back.pretrained_cfg['mean'] == (0.5,) * 3

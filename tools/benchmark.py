@@ -121,9 +121,9 @@ def training_step(args, impl, amp, device):
     if impl.startswith('ours') and impl != 'ours-model':
         targs = pretrain.get_args_parser().parse_args(['--model', args.model, '--amp', amp, '--device', device.type,
                                                        '--compile', 'off'])
-        recipe = engine.recipe(targs, 1, pretrain.RECIPE)
-        schedule = engine.Schedule(recipe, 1000)  # 1000 steps per epoch
         run = engine.Run(targs)  # as the scripts: host memory kept, on a CPU denormals flushed
+        recipe = engine.recipe(targs, run, pretrain.RECIPE)
+        schedule = engine.Schedule(recipe, 1000)  # 1000 steps per epoch
         optimizer = engine.build_optimizer(models.param_groups(model, recipe['weight_decay']), schedule.lr)
         trainer = engine.Trainer(model, optimizer, schedule, recipe, targs, run)
         return lambda i: trainer.step(i, [(x, mask)], lambda batch: model(*batch))
