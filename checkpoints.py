@@ -15,10 +15,12 @@ import pickle
 import re
 import shutil
 import urllib.error
+import warnings
 import zlib
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 import models
 
@@ -48,7 +50,8 @@ class Checkpoint:
     @property
     def kind(self):
         """'pretrain' or 'finetune' for a training checkpoint of ours, else None."""
-        return self.saved.get('kind') if 'optimizer' in self.saved else None
+        training = 'optimizer' in self.saved or 'sharded' in self.saved
+        return self.saved.get('kind') if training else None
 
     @property
     def simmim(self):
@@ -74,11 +77,12 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def read(path, allow_pickle=False):
+def read(path, allow_pickle=False, consolidate=True):
     """A .pth / .pt / .bin / .safetensors file, a Hugging Face model folder or a published name
     (downloaded once; under torchrun by the first rank of each machine) -> Checkpoint, its
     checksum verified. Pickled objects (official checkpoints' yacs config) are refused unless
-    allow_pickle: unpickling runs the file's code."""
+    allow_pickle: unpickling runs the file's code. A sharded checkpoint's (--fsdp) shards are
+    verified too, and its weights gathered whole unless consolidate is False (resuming it)."""
     path = os.fspath(path)
     if dist.is_available() and dist.is_initialized() and path in PUBLISHED \
             and not os.path.exists(path):
@@ -95,6 +99,10 @@ def read(path, allow_pickle=False):
                       f"one (--resume OUTPUT/ckpt_epoch_N.pth)")
     if isinstance(saved.get('args'), dict):  # ours, as saved before the config: its flags
         saved = from_flags(saved)
+    if 'sharded' in saved:
+        verify_shards(path, saved['sharded'])
+        if consolidate:
+            saved = dict(saved, model=gather_weights(shard_folder(path, saved['sharded'])))
     state, layout = models.to_timm_layout(saved)
     if 'recipe' in saved:  # ours
         return Checkpoint(path, saved['config'], state, 'ours', saved['recipe'], saved)
@@ -260,6 +268,97 @@ def save(folder, entries, copies=()):
             save_atomic(lambda f: shutil.copyfileobj(source, f), os.path.join(folder, name))
 
 
+def save_sharded(folder, entries, copies=()):
+    """A checkpoint whose weights and optimizer state are sharded (FSDP), whole or absent: every
+    rank writes its shards (torch.distributed.checkpoint) into OUTPUT/shards-EPOCH.STEP and the
+    CRC-32s of a share of the files; then rank 0 writes checkpoint.pth, the manifest naming them
+    with the rest of entries, and its copies. Shard folders no manifest names are deleted."""
+    name = f"shards-{entries['epoch']}.{entries['step']}"
+    path, rank, world = os.path.join(folder, name), dist.get_rank(), dist.get_world_size()
+    if rank == 0 and os.path.exists(path):  # a save of this step killed before its manifest
+        shutil.rmtree(path)
+    dist.barrier()
+    try:
+        dcp.save(dict(model=entries['model'], optimizer=entries['optimizer']), checkpoint_id=path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"could not write {path} ({first_line(e)}); the previous checkpoint is "
+                         f"intact: fix the folder or free some space, and rerun") from None
+    files = sorted(os.listdir(path))
+    crcs = [None] * world
+    dist.all_gather_object(crcs, {f: file_crc(os.path.join(path, f)) for f in files[rank::world]})
+    if rank == 0:
+        manifest = {k: v for k, v in entries.items() if k not in ('model', 'optimizer')}
+        manifest['sharded'] = dict(folder=name, files={k: v for c in crcs for k, v in c.items()})
+        save(folder, manifest, copies)
+        named = [manifest_of(os.path.join(folder, f)) for f in os.listdir(folder)]
+        kept = {m['sharded']['folder'] for m in named if m and 'sharded' in m}
+        for old in os.listdir(folder):
+            if old.startswith('shards-') and old not in kept:
+                shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    dist.barrier()
+
+
+def manifest_of(path):
+    """The dict of a small .pth (a sharded checkpoint's manifest), or None."""
+    if not path.endswith('.pth') or os.path.getsize(path) > 2 ** 20:
+        return None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:
+        return None
+
+
+def file_crc(path):
+    crc = 0
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(2 ** 24), b''):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def shard_folder(path, sharded):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), sharded['folder'])
+
+
+def verify_shards(path, sharded):
+    """Corrupt unless every shard file is whole (its CRC-32); under torchrun each rank checks a
+    share of the files and they agree."""
+    folder, files = shard_folder(path, sharded), sorted(sharded['files'])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    bad = []
+    for f in files[rank::world]:
+        full = os.path.join(folder, f)
+        if not os.path.isfile(full) or file_crc(full) != sharded['files'][f]:
+            bad.append(f)
+    counts = [len(bad)]
+    if world > 1:
+        counts = [None] * world
+        dist.all_gather_object(counts, len(bad))
+    if sum(counts):
+        raise Corrupt(f"checkpoint '{path}' is corrupted: {sum(counts)} of its shard files in "
+                      f"{folder} are missing or damaged (e.g. {(bad or ['on another rank'])[0]}); "
+                      f"resume from an earlier one (--resume OUTPUT/ckpt_epoch_N.pth)")
+
+
+def load_shards(checkpoint, state):
+    """Fill state ({'model': ..., 'optimizer': ...}, FSDP's sharded state dicts) from a sharded
+    checkpoint, resharded to this run's processes."""
+    dcp.load(state, checkpoint_id=shard_folder(checkpoint.path, checkpoint.saved['sharded']))
+
+
+def gather_weights(folder):
+    """The whole model weights of a sharded checkpoint, on the CPU."""
+    reader = dcp.FileSystemReader(folder)
+    tensors = reader.read_metadata().state_dict_metadata
+    model = {k[len('model.'):]: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in tensors.items()
+             if k.startswith('model.') and isinstance(m, dcp.metadata.TensorStorageMetadata)}
+    with warnings.catch_warnings():  # that it reads in one process, as asked
+        warnings.simplefilter('ignore')
+        dcp.load(dict(model=model), storage_reader=reader, no_dist=True)
+    return model
+
+
 def find_resume(output, resume, auto=True, training=True, allow_pickle=False, say=print):
     """The checkpoint to resume: resume (a path or name), else OUTPUT/checkpoint.pth when auto and
     it exists; in training OUTPUT's also when a run of the same resume saved it there (the same
@@ -273,7 +372,7 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
     if resume and auto and training and same(started_from, resume):
         say(f"{output} holds the progress of a run started from --resume {resume}: continuing it")
     elif resume:
-        return read(resume, allow_pickle)
+        return read(resume, allow_pickle, consolidate=False)
     if not auto:
         return None
     numbered = {}
@@ -283,7 +382,7 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
             numbered[int(found[1])] = os.path.join(output, name)
     for path in [latest] + [numbered[e] for e in sorted(numbered, reverse=True)]:
         try:
-            return read(path, allow_pickle)
+            return read(path, allow_pickle, consolidate=False)
         except Corrupt as e:
             say(f"{str(e).split(';')[0]}: passed over")
     raise ValueError(f"every checkpoint in {output} is corrupted; start afresh with "
@@ -310,13 +409,17 @@ def export(model, config, path):
     state = models.to_timm_layout(model.state_dict())[0]
     cfg = models.pretrained_cfg(config)
     entries = dict(state_dict=state, pretrained_cfg=cfg, intensity=cfg.pop('intensity'))
+    timm_name = models.MODELS[config.model]['timm']
+    if not timm_name:
+        raise ValueError(f"timm has no {config.model} (its SwinV2 lacks the extra norms): "
+                         f"export is for the other models")
     save_atomic(lambda f: torch.save(entries, f), path)
     kw = models.timm_kwargs(config)
     kw.pop('init_values', None)  # the timm name's own
     if models.MODELS[config.model]['family'] == models.VIT:
         kw['use_fc_norm'] = config.fc_norm
     shown = ', '.join(f"{k}={v!r}" for k, v in kw.items())
-    return (f"timm.create_model('{models.MODELS[config.model]['timm']}', {shown}, num_classes="
+    return (f"timm.create_model('{timm_name}', {shown}, num_classes="
             f"{config.num_classes}, checkpoint_path='{path}', pretrained_cfg_overlay=torch.load("
             f"'{path}')['pretrained_cfg'])")
 

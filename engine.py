@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import timm
@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torchvision
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoints
@@ -39,7 +41,7 @@ import models
 # The optimization defaults both scripts share (README: the official recipes)
 OPTIMIZATION = dict(batch_size=128, lr_scheduler='cosine', multisteps=[], gamma=0.1,
                     weight_decay=0.05, clip_grad=5.0, accumulation_steps=1, seed=0, drop_path=None,
-                    amp=None)
+                    amp=None, fsdp=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +169,9 @@ def add_optimization_args(g):
 
 
 def add_run_args(g, output, compile):
+    g.add_argument('--fsdp', action='store_true', default=None,
+                   help='shard weights, gradients and optimizer state over the processes (FSDP2), '
+                        'for models beyond one GPU; under torchrun')
     g.add_argument('--amp', choices=['bf16', 'fp16', 'off'],
                    help='default: bf16 where native (recent GPUs, CPUs with AVX512-BF16 or '
                         'AMX), else fp16 (with a gradient scaler) on GPUs, off on CPUs')
@@ -270,7 +275,10 @@ class Run:
         self.main = self.rank == 0
         self.output = args.output
         now = datetime.datetime.now().isoformat(timespec='seconds')
-        self.id = f"{socket.gethostname()} pid {os.getpid()} {now}"
+        ids = [f"{socket.gethostname()} pid {os.getpid()} {now}"]  # rank 0's names the run
+        if self.distributed:
+            dist.broadcast_object_list(ids, src=0)
+        self.id = ids[0]
         self.training = False  # in the loop, where a SIGTERM stops the run at the next log line
         self.sigterm = False  # this process got SIGTERM
         self.stopping = False  # some rank got SIGTERM: what the last sync() agreed on
@@ -308,10 +316,13 @@ class Run:
             with open(os.path.join(self.output, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
 
-    def save(self, entries, copies=()):
-        """OUTPUT/checkpoint.pth and copies (rank 0), if this run still owns OUTPUT."""
-        if self.main:
-            self.check_output()
+    def save(self, entries, copies=(), sharded=False):
+        """OUTPUT/checkpoint.pth and copies (rank 0; sharded: every rank writes its shards), if
+        this run still owns OUTPUT (every rank checks: they stop together)."""
+        self.check_output()
+        if sharded:
+            checkpoints.save_sharded(self.output, entries, copies)
+        elif self.main:
             checkpoints.save(self.output, entries, copies)
 
     def make_output(self):
@@ -381,6 +392,16 @@ def pick_device(name):
     return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else 'cpu')
 
 
+@contextmanager
+def gradient_sync_off(model):
+    """FSDP: gradients kept unsharded and unreduced until the block ends (accumulation)."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def keep_freed_memory():
     """glibc keeps freed memory for reuse (this process and its loader workers) instead of
     unmapping every large tensor and faulting it in again on the next step: on CPUs the training
@@ -426,11 +447,27 @@ def autocast(amp, device):
     return amp, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def wrap(model, run, compile='off'):
-    """DistributedDataParallel when distributed (its buckets hold the gradients; the models'
-    buffers are constants, not re-broadcast), then torch.compile if compile is 'on', or 'auto'
-    on a GPU (compiling the DDP wrapper keeps its reductions overlapping the backward)."""
-    if run.distributed:
+def wrap(model, run, compile='off', amp='off', fsdp=False):
+    """FSDP2 when fsdp (each block sharded, then the whole model: in place), else
+    DistributedDataParallel when distributed (its buckets hold the gradients; the models'
+    buffers are constants, not re-broadcast); then torch.compile if compile is 'on', or 'auto' on
+    a GPU without fsdp (compiling the DDP wrapper keeps its reductions overlapping the backward)."""
+    if fsdp:
+        if not run.distributed or amp == 'fp16':
+            raise ValueError("--fsdp shards over the processes of a torchrun (one process too: "
+                             "torchrun --nproc_per_node 1) and computes in bf16 or float32, not "
+                             "fp16: start it with torchrun, --amp bf16 or off")
+        for tensor in model.state_dict().values():  # rank 0's initialisation, as DDP takes it
+            dist.broadcast(tensor, src=0)
+        dtype = torch.bfloat16 if amp == 'bf16' else None  # weights gathered in bf16
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for block in models.blocks(model):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        if hasattr(model, 'reconstruct'):
+            register_fsdp_forward_method(model, 'reconstruct')
+        compile = 'off' if compile == 'auto' else compile
+    elif run.distributed:
         switch = 'forward_sync_buffers'  # torch >= 2.14; earlier: broadcast_buffers
         if switch not in inspect.signature(DistributedDataParallel).parameters:
             switch = 'broadcast_buffers'
@@ -507,16 +544,22 @@ class Schedule:
 
 
 class Trainer:
-    """The training step: autocast, accumulation without gradient all-reduce on micro-steps,
+    """The training step: autocast, accumulation without gradient reduction on micro-steps,
     unscale, clip, skip and count non-finite steps, lr per step. Nothing in it waits for the
-    device. .model is the model as saved; .wrapped as trained (DDP, torch.compile)."""
+    device. .model is the model as saved (sharded in place with --fsdp); .wrapped as trained
+    (DDP, torch.compile). Its optimizer: AdamW (with a momentum: SGD) over the model's parameter
+    groups (the recipe's weight decay and layer decay), made once the model is sharded."""
 
-    def __init__(self, model, optimizer, schedule, recipe, args, run):
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.recipe, self.args, self.run = recipe, args, run
-        self.wrapped = wrap(model, run, getattr(args, 'compile', 'off'))
-        self.scheduler = schedule.scheduler(optimizer)
+    def __init__(self, model, schedule, recipe, args, run, momentum=None):
+        self.model, self.schedule, self.recipe = model, schedule, recipe
+        self.args, self.run = args, run
         self.amp, self.autocast = autocast(recipe['amp'], run.device)
+        self.sharded = bool(recipe.get('fsdp'))
+        compile = getattr(args, 'compile', 'off')
+        self.wrapped = wrap(model, run, compile, self.amp, self.sharded)
+        groups = models.param_groups(model, recipe['weight_decay'], recipe.get('layer_decay'))
+        self.optimizer = build_optimizer(groups, schedule.lr, momentum)
+        self.scheduler = schedule.scheduler(self.optimizer)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.amp == 'fp16')
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.nonfinite = torch.zeros(3, device=run.device)  # streak, longest streak, total
@@ -532,8 +575,7 @@ class Trainer:
         total = 0.
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = nullcontext() if last or not self.run.distributed else self.wrapped.no_sync()
-            with sync:
+            with self.no_sync(last):
                 with self.autocast:
                     loss = loss_fn(batch)
                 self.scaler.scale(loss / len(micro_batches)).backward()
@@ -541,6 +583,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.recipe['clip_grad'] or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(grad_norm, 'full_tensor'):  # FSDP: the global norm, over all shards
+            grad_norm = grad_norm.full_tensor()
         # a non-finite loss counts too (its gradients can be finite); the same on all ranks
         bad = (~torch.isfinite(grad_norm + total)).float()
         if self.run.distributed:
@@ -568,24 +612,50 @@ class Trainer:
                              f"--clip-grad, or use --amp bf16/off; resume from the last checkpoint")
         return total
 
+    def no_sync(self, last):
+        """No gradient reduction on the micro-steps before the last of a step."""
+        if last or not self.run.distributed:
+            return nullcontext()
+        if self.sharded:
+            return gradient_sync_off(self.model)
+        return self.wrapped.no_sync()
+
     def state_dict(self):
-        """The checkpoint's 'optimizer' and 'trainer' entries."""
+        """The checkpoint's 'model', 'optimizer' and 'trainer' entries; with --fsdp the first
+        two sharded (torch.distributed.checkpoint's, by parameter name)."""
         trainer = dict(scaler=self.scaler.state_dict(), nonfinite_total=int(self.nonfinite[2]),
                        epoch_loss=self.epoch_loss.item(), epoch_steps=self.epoch_steps)
-        return dict(optimizer=self.optimizer.state_dict(), trainer=trainer)
+        if self.sharded:
+            model, optimizer = get_state_dict(self.model, self.optimizer)
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        return dict(model=model, optimizer=optimizer, trainer=trainer)
 
     def load_state_dict(self, checkpoint):
-        """The optimizer's state and the counts; the groups' weight decay and lr scale stay this
-        run's (--accept-changes)."""
+        """A checkpoint's (checkpoints.Checkpoint) weights, optimizer state and counts; the
+        groups' weight decay and lr scale stay this run's (--accept-changes)."""
+        saved, path = checkpoint.saved, checkpoint.path
+        if self.sharded != ('sharded' in saved):
+            raise ValueError(f"'{path}' was saved {'with' if 'sharded' in saved else 'without'} "
+                             f"--fsdp: resume it so, or start from its weights (--pretrained)")
         keep = [(g['weight_decay'], g['lr_scale']) for g in self.optimizer.param_groups]
         try:
-            self.optimizer.load_state_dict(checkpoint['optimizer'])
-        except ValueError as e:
-            raise ValueError(f"the checkpoint's optimizer state does not fit ({e}): resume with "
-                             f"the model and parameters it was trained with") from None
+            if self.sharded:
+                model, optimizer = get_state_dict(self.model, self.optimizer)
+                checkpoints.load_shards(checkpoint, dict(model=model, optimizer=optimizer))
+                set_state_dict(self.model, self.optimizer, model_state_dict=model,
+                               optim_state_dict=optimizer)
+            else:
+                self.model.load_state_dict(saved['model'])
+                self.optimizer.load_state_dict(saved['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:3]
+            raise ValueError(f"checkpoint '{path}' does not fit this model and optimizer "
+                             f"({'; '.join(lines)[:500]}); resume it with the architecture it was "
+                             f"trained with (leave the model's flags out)") from None
         for group, (weight_decay, lr_scale) in zip(self.optimizer.param_groups, keep):
             group.update(weight_decay=weight_decay, lr_scale=lr_scale)
-        state = checkpoint['trainer']
+        state = saved['trainer']
         if state['scaler'] and self.scaler.is_enabled():  # fp16 before and now, else anew
             self.scaler.load_state_dict(state['scaler'])
         self.nonfinite[2] = state['nonfinite_total']
@@ -609,8 +679,8 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
                      start_step, schedule.steps_per_epoch)
 
     def state(epoch, step):
-        return dict(entries, model=trainer.model.state_dict(), **trainer.state_dict(), epoch=epoch,
-                    step=step, steps_per_epoch=schedule.steps_per_epoch)
+        return dict(entries, **trainer.state_dict(), epoch=epoch, step=step,
+                    steps_per_epoch=schedule.steps_per_epoch)
 
     run.training = True  # from here a SIGTERM saves and stops the run at the next log line
     for epoch in range(start_epoch, schedule.epochs):
@@ -620,7 +690,7 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
         numbered = (epoch + 1) % args.save_freq == 0 or epoch + 1 == schedule.epochs
         copies = end_epoch(epoch, numbered) if end_epoch else []
         copies = [f'ckpt_epoch_{epoch}.pth'] * numbered + copies
-        run.save(state(epoch, schedule.steps_per_epoch), copies)
+        run.save(state(epoch, schedule.steps_per_epoch), copies, trainer.sharded)
         if run.stopping:
             run.print(f"SIGTERM: stopped after epoch {epoch}; {how_to_resume(args)}")
             return False
@@ -639,14 +709,7 @@ def resume(trainer, checkpoint):
     from: after a completed epoch, or inside one (--save-steps, SIGTERM), which only the same
     batches per step can continue (the images the epoch has seen are skipped by count)."""
     saved, path = checkpoint.saved, checkpoint.path
-    try:
-        trainer.model.load_state_dict(saved['model'])
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()][:3]
-        raise ValueError(f"checkpoint '{path}' does not fit this model "
-                         f"({'; '.join(lines)[:500]}); pass the same --model and architecture "
-                         f"flags it was trained with") from None
-    trainer.load_state_dict(saved)
+    trainer.load_state_dict(checkpoint)
     epoch, steps = saved['epoch'], saved['steps_per_epoch']
     step = saved.get('step', steps)
     keys = 'batch_size', 'accumulation_steps', 'effective_batch'
@@ -702,7 +765,7 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, state, start=0):
         if it + 1 < steps and (run.stopping or save_now):
             mean, = run.sync(trainer.epoch_loss.item())  # each rank resumes with the ranks' mean
             trainer.epoch_loss.fill_(mean)
-            run.save(state(epoch, it + 1))
+            run.save(state(epoch, it + 1), sharded=trainer.sharded)
             if run.stopping:
                 run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; "
                           f"{how_to_resume(args)}")

@@ -179,6 +179,9 @@ def check_sources(args, resumed, source, use):
             any(os.path.samefile(args.export, p) for p in read):
         raise ValueError(f"--export '{args.export}' is the checkpoint it would read: name a new "
                          f"file")
+    if args.linear_probe and args.fsdp:
+        raise ValueError("a linear probe trains its head only: the frozen encoder needs no --fsdp "
+                         "(leave it out)")
     if args.export and args.linear_probe and not resumed:
         raise ValueError("--export writes a trained model: export the probe's checkpoint "
                          "(--resume PATH), or the encoder without --linear-probe")
@@ -372,10 +375,8 @@ def finetune(args, run, config, recipe, model, train_set, val_loader, resumed):
                                run.world_size, run.rank)
     schedule = engine.Schedule(recipe, len(loader), run.world_size)
     # AdamW with layer-wise lr decay (a probe: SGD), the per-step schedule with linear warmup
-    groups = models.param_groups(model, recipe['weight_decay'], recipe['layer_decay'])
     momentum = 0.9 if recipe['linear_probe'] else None
-    optimizer = engine.build_optimizer(groups, schedule.lr, momentum)
-    trainer = engine.Trainer(model, optimizer, schedule, recipe, args, run)
+    trainer = engine.Trainer(model, schedule, recipe, args, run, momentum)
     mixup, criterion = mixing(recipe, config.num_classes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.print(f"{config.model}: {trainable:,} trainable parameters, {config.img_size}px, "

@@ -22,15 +22,17 @@ import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
-from timm.models.beit import Beit
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.beit import Beit, Block as BeitBlock
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
 from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 
 # ---------------------------------------------------------------------------------------------
 # Named models. The default window is img_size // window_div: the official windows (Swin-T/S/B
 # 6 at 192px and 7 at 224px; Swin-L and SwinV2 12 and 14). drop_path: the official (pretraining,
-# fine-tuning) stochastic depth. timm: the timm model each one is.
+# fine-tuning) stochastic depth. timm: the timm model each one is. SwinV2-H and -G: the SwinV2
+# paper's widths and depths, heads of 32 channels, a LayerNorm on the main branch every 6 blocks
+# of a stage (extra_norm; its placement as mmpretrain's), windows and drop path as SwinV2-L's.
 
 SWIN, SWINV2, VIT = 'swin', 'swinv2', 'vit'
 MODELS = {
@@ -53,6 +55,12 @@ MODELS = {
     'swinv2_large': dict(family=SWINV2, embed_dim=192, depths=(2, 2, 18, 2),
                          num_heads=(6, 12, 24, 48), window_div=16, drop_path=(0.1, 0.2),
                          timm='swinv2_large_window12_192'),
+    'swinv2_huge': dict(family=SWINV2, embed_dim=352, depths=(2, 2, 18, 2),
+                        num_heads=(11, 22, 44, 88), window_div=16, drop_path=(0.1, 0.2),
+                        timm=None, extra_norm=6),
+    'swinv2_giant': dict(family=SWINV2, embed_dim=512, depths=(2, 2, 42, 4),
+                         num_heads=(16, 32, 64, 128), window_div=16, drop_path=(0.1, 0.2),
+                         timm=None, extra_norm=6),
     'vit_small': dict(family=VIT, embed_dim=384, depths=(12,), num_heads=(6,), drop_path=(0.1, 0.1),
                       timm='beit_base_patch16_224'),
     'vit_base': dict(family=VIT, embed_dim=768, depths=(12,), num_heads=(12,), drop_path=(0.1, 0.1),
@@ -278,6 +286,29 @@ def use_fused_attention(model, enable=True):
     return model
 
 
+class NormedBlockV2(SwinTransformerV2Block):
+    """A SwinV2 block, then a LayerNorm on the main branch (SwinV2-H and -G)."""
+
+    def forward(self, x):
+        return self.norm3(super().forward(x))
+
+
+def add_extra_norms(model, every):
+    """SwinV2-H and -G: a LayerNorm after every `every`-th block of each stage (norm3)."""
+    for stage in getattr(model, 'encoder', model).layers:
+        for i, block in enumerate(stage.blocks):
+            if (i + 1) % every == 0:
+                block.__class__ = NormedBlockV2
+                block.norm3 = nn.LayerNorm(block.dim)
+    return model
+
+
+def blocks(model):
+    """The transformer blocks of a SimMIM model, an encoder or a classifier (FSDP shards each)."""
+    kinds = (SwinTransformerBlock, SwinTransformerV2Block, BeitBlock)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
 class MaskedSwin:
     """SimMIM's mask token in timm's Swin / SwinV2 (mixed in first):
     forward(x, mask) -> (B, C, H/32, W/32)."""
@@ -438,6 +469,8 @@ def build_simmim(config='swin_base', *, drop_path_rate=None, use_checkpoint=Fals
     else:
         encoder = (SwinEncoder if named['family'] == SWIN else SwinV2Encoder)(**kw)
         stride = config.patch_size * 2 ** (len(config.depths) - 1)
+    if named.get('extra_norm'):
+        add_extra_norms(encoder, named['extra_norm'])
     encoder.set_grad_checkpointing(use_checkpoint)
     model = SimMIM(encoder, stride, config.norm_target_window)
     model.pretrained_cfg = pretrained_cfg(config)
@@ -457,6 +490,8 @@ def build_classifier(config='swin_base', *, drop_path_rate=None, use_checkpoint=
                      use_fc_norm=config.fc_norm, **kw)
     else:
         model = (SwinTransformer if named['family'] == SWIN else SwinTransformerV2)(**kw)
+    if named.get('extra_norm'):
+        add_extra_norms(model, named['extra_norm'])
     model.set_grad_checkpointing(use_checkpoint)
     model.pretrained_cfg = pretrained_cfg(config)
     return use_fused_attention(model)

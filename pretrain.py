@@ -7,6 +7,7 @@ Defaults are the paper's Swin-B recipe (RECIPE): 192px, window 6, 100 epochs, lr
 images. The run machinery (distributed run, AMP step, the loop, resume) is engine.py's, shared
 with finetune.py; checkpoint files are checkpoints.py's.
 """
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -115,22 +116,21 @@ def pretrain(args, run):
     models.use_fused_attention(model, run.device.type == 'cuda')
 
     # AdamW with the official weight decay, the per-step schedule with linear warmup
-    groups = models.param_groups(model, recipe['weight_decay'])
-    optimizer = engine.build_optimizer(groups, schedule.lr)
-    trainer = engine.Trainer(model, optimizer, schedule, recipe, args, run)
+    trainer = engine.Trainer(model, schedule, recipe, args, run)
     run.print(f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{config.img_size}px, mask {recipe['mask_ratio']} of {recipe['mask_patch_size']}px "
               f"squares; {len(dataset):,} images in {recipe['data_path']}")
     run.print(f"{schedule}; amp {trainer.amp}; device {run.device}")
     run.print(f"normalisation: mean {list(config.mean)} std {list(config.std)} of 0-1 pixels; "
               f"intensity {config.intensity}")
-    picture = os.path.join(args.output, 'reconstruction_{}.png')
-    if run.main:
-        shown = data.eval_transform(config.img_size, normalize, crop_pct=1.0)
-        pictures = picture_batch(dataset, shown, mask_generator, run.device)
-        if not resumed:
-            run.make_output()
-            save_reconstructions(model, *pictures, config, picture.format('start'))
+    # the pictures: every rank draws (with --fsdp the model is theirs together), rank 0 writes
+    picture = lambda name: os.path.join(args.output, f'reconstruction_{name}.png') if run.main \
+        else None
+    shown = data.eval_transform(config.img_size, normalize, crop_pct=1.0)
+    pictures = picture_batch(dataset, shown, mask_generator, run.device)
+    if not resumed:
+        run.make_output()
+        save_reconstructions(model, *pictures, config, picture('start'), trainer.autocast)
 
     # the loss: the L1 distance of the reconstructed pixels in the masked squares (models.SimMIM)
     def loss_fn(batch):
@@ -139,9 +139,9 @@ def pretrain(args, run):
         return trainer.wrapped(images, masks.to(run.device, non_blocking=True))
 
     def end_epoch(epoch, numbered):
-        if numbered and run.main:
+        if numbered:
             name = 'end' if epoch + 1 == schedule.epochs else f'epoch_{epoch}'
-            save_reconstructions(model, *pictures, config, picture.format(name))
+            save_reconstructions(model, *pictures, config, picture(name), trainer.autocast)
         return []
 
     entries = dict(kind='pretrain', config=dataclasses.asdict(config), recipe=recipe)
@@ -164,11 +164,12 @@ def masking(config, recipe, run):
 
 
 @torch.no_grad()
-def save_reconstructions(model, images, masks, config, path):
+def save_reconstructions(model, images, masks, config, path, autocast=contextlib.nullcontext()):
     """A PNG grid, a row per image: original | masked input | reconstruction | reconstruction in
-    the masked squares."""
+    the masked squares; written to path if any."""
     was_training = model.training
-    rec = model.eval().reconstruct(images, masks).float()
+    with autocast:  # as in training (--fsdp: bf16 weights)
+        rec = model.eval().reconstruct(images, masks).float()
     model.train(was_training)
     mean, std = (torch.tensor(v, device=images.device).view(1, -1, 1, 1)
                  for v in (config.mean, config.std))
@@ -178,7 +179,8 @@ def save_reconstructions(model, images, masks, config, path):
     rows = [images, images * (1 - m) + 0.5 * m, rec, images * (1 - m) + rec * m]
     grid = torch.stack(rows, 1).flatten(0, 1)[:, :3]  # more channels: the first three shown
     write = lambda f: torchvision.utils.save_image(grid.cpu(), f, nrow=4, padding=2, format='PNG')
-    checkpoints.save_atomic(write, path)
+    if path:
+        checkpoints.save_atomic(write, path)
 
 
 def picture_batch(dataset, transform, mask_generator, device, n=8):

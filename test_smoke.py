@@ -548,9 +548,8 @@ def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
     recipe = engine.recipe(args, cpu_run(), pretrain.RECIPE)
     run = type('run', (), {'device': torch.device('cpu'), 'distributed': False})()
     scheduler = type('scheduler', (), {'step_update': lambda self, step: None})()
-    schedule = type('schedule', (), {'scheduler': lambda self, optimizer: scheduler})()
-    optimizer = lambda: engine.build_optimizer(models.param_groups(model, recipe['weight_decay']), 1e-2)
-    trainer = engine.Trainer(model, optimizer(), schedule, recipe, args, run)
+    schedule = type('schedule', (), {'scheduler': lambda self, optimizer: scheduler, 'lr': 1e-2})()
+    trainer = engine.Trainer(model, schedule, recipe, args, run)
     x = torch.randn(16, 4)
     scale = lambda factor: (lambda batch: model(batch).float().square().mean() * factor)
     snapshot = lambda: copy.deepcopy((model.state_dict(), trainer.optimizer.state_dict()['state']))
@@ -575,8 +574,8 @@ def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
         trainer.check_nonfinite(4)
     state = trainer.state_dict()
     assert state['trainer']['nonfinite_total'] == 3
-    trainer = engine.Trainer(model, optimizer(), schedule, recipe, args, run)
-    trainer.load_state_dict(state)  # as a resume does
+    trainer = engine.Trainer(model, schedule, recipe, args, run)
+    trainer.load_state_dict(checkpoints.Checkpoint('x.pth', {}, {}, 'ours', {}, state))  # as a resume does
     trainer.step(5, [x], scale(float('nan')))
     assert trainer.check_nonfinite(5) == 4
 
@@ -1402,9 +1401,8 @@ def replay_official_steps(family, change=None):
     if change:
         change(recipe)
     schedule = engine.Schedule(recipe, rec['steps_per_epoch'])
-    optimizer = engine.build_optimizer(models.param_groups(model, recipe['weight_decay']), schedule.lr)
-    trainer = engine.Trainer(model, optimizer, schedule, recipe, args,
-                             type('run', (), dict(device=torch.device('cpu'), distributed=False))())
+    trainer = engine.Trainer(model, schedule, recipe, args, cpu_run())
+    optimizer = trainer.optimizer
     mean, std = (torch.tensor(rec[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
     lrs, losses, norms = [], [], []
     for step in range(len(rec['lrs'])):
@@ -2111,3 +2109,147 @@ def test_reconstruct_takes_the_checkpoints_mask_squares_and_target_normalisation
         str(tmp_path / 'out')]))
     (model, masks), = drawn
     assert model.norm_target_window == 5 and masks.shape == (2, 16, 16) and masks.float().mean() == 10 / 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharded training (--fsdp): two processes on the CPU (gloo), a tiny SwinV2
+
+SHARDED = ['--model', 'swinv2_tiny', '--img-size', '64', '--mask-patch-size', '16', '--embed-dim', '8', '--depths', '1',
+           '1', '2', '1', '--num-heads', '1', '2', '2', '4', '--batch-size', '1', '--accumulation-steps', '2',
+           '--num-workers', '0', '--epochs', '2', '--warmup-epochs', '1', '--base-lr', '0.5', '--clip-grad', '0.05',
+           '--print-freq', '1', '--save-freq', '1', '--amp', 'off', '--drop-path', '0']  # clipping acts: norms ~0.5
+
+
+def torchrun(script, *args, nproc=2):
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc),
+            os.path.join(HERE, script), *args]
+
+
+@pytest.fixture(scope='module')
+def sharded(tmp_path_factory):
+    """The same pretraining with DDP and with --fsdp (2 epochs of 4 steps, accumulation 2), and an --fsdp run that
+    saves every step."""
+    root = tmp_path_factory.mktemp('fsdp')
+    write_images(root / 'data', 16)
+    for output, extra in (('ddp', []), ('fsdp', ['--fsdp']), ('steps', ['--fsdp', '--save-steps', '1'])):
+        result = subprocess.run(torchrun('pretrain.py', *SHARDED, '--data-path', str(root / 'data'), '--output',
+                                         str(root / output), *extra), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return root
+
+
+def weights(path):
+    return checkpoints.read(str(path)).saved['model']
+
+
+def largest_gap(a, b):
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_fsdp_trains_as_ddp(sharded):
+    ddp, fsdp = weights(sharded / 'ddp' / 'checkpoint.pth'), weights(sharded / 'fsdp' / 'checkpoint.pth')
+    assert set(ddp) == set(fsdp) and largest_gap(ddp, fsdp) < 1e-5  # after 8 steps with accumulation and clipping
+    losses = lambda output: [(r['loss'], r['grad_norm']) for r in read_log(sharded / output) if 'step' in r]
+    assert len(losses('fsdp')) == 8 and np.allclose(losses('fsdp'), losses('ddp'), rtol=1e-5, atol=0)
+    manifest = torch.load(sharded / 'fsdp' / 'checkpoint.pth', weights_only=True)
+    assert 'model' not in manifest and sorted(manifest['sharded']['files']) == ['.metadata', '__0_0.distcp',
+                                                                               '__1_0.distcp']
+    assert sorted(f for f in os.listdir(sharded / 'fsdp') if f.startswith('shards-')) == ['shards-0.4', 'shards-1.4']
+    key = 'encoder.layers.2.blocks.1.mlp.fc1.weight'  # the control: rank 1's half of one weight, moved by 1e-4
+    perturbed = dict(fsdp, **{key: torch.cat([fsdp[key][:len(fsdp[key]) // 2], fsdp[key][len(fsdp[key]) // 2:] + 1e-4])})
+    assert largest_gap(ddp, perturbed) > 1e-5
+
+
+def test_a_sigkilled_fsdp_run_resumes_to_the_uninterrupted_weights(sharded, tmp_path):
+    command = torchrun('pretrain.py', *SHARDED, '--data-path', str(sharded / 'data'), '--output', str(tmp_path / 'run'),
+                       '--fsdp', '--save-steps', '1')
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if 'epoch 1/2 step 2/4' in line:  # its save of step 2 follows: killed around it
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    saved = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
+    assert (saved['epoch'], saved['step']) in ((1, 1), (1, 2))
+    os.makedirs(tmp_path / 'run' / 'shards-1.3')  # and what a save killed midway leaves: shards no manifest names
+    (tmp_path / 'run' / 'shards-1.3' / '__0_0.distcp').write_bytes(b'cut')
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert re.search(r"resumed from .*checkpoint.pth at epoch 1 step [12]\n", result.stdout)
+    assert largest_gap(weights(sharded / 'steps' / 'checkpoint.pth'), weights(tmp_path / 'run' / 'checkpoint.pth')) == 0
+    assert 'shards-1.3' not in os.listdir(tmp_path / 'run')
+
+
+def test_a_flipped_byte_in_the_newest_shards_is_caught_and_passed_over(sharded, tmp_path):
+    shutil.copytree(sharded / 'steps', tmp_path / 'run')
+    newest = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['sharded']['folder']
+    shard = tmp_path / 'run' / newest / '__1_0.distcp'
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(checkpoints.Corrupt, match=r"1 of its shard files in .* are missing or damaged"):
+        checkpoints.read(str(tmp_path / 'run' / 'checkpoint.pth'))
+    said = []
+    found = checkpoints.find_resume(str(tmp_path / 'run'), None, say=said.append)
+    assert found.path.endswith('ckpt_epoch_0.pth') and len(said) == 2 and all('passed over' in s for s in said)
+
+
+def test_an_fsdp_checkpoint_fine_tunes_without_fsdp_exports_and_loads(sharded, tmp_path, capsys):
+    import timm  # noqa: F401 (the printed command uses it)
+    write_classes(tmp_path / 'data' / 'train', 2)
+    write_classes(tmp_path / 'data' / 'val', 1)
+    pre = str(sharded / 'fsdp' / 'checkpoint.pth')
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--pretrained', pre, '--data-path', str(tmp_path / 'data'), '--batch-size', '2', '--epochs', '1',
+        '--num-workers', '0', '--amp', 'off', '--aa', '', '--mixup', '0', '--cutmix', '0', '--output',
+        str(tmp_path / 'ft')]))
+    assert 'checkpoint.pth: 100 tensors loaded' in capsys.readouterr().out
+    finetune.main(finetune.get_args_parser().parse_args(['--pretrained', pre, '--img-size', '64', '--export',
+                                                         str(tmp_path / 'enc.pth')]))
+    exported = eval(capsys.readouterr().out.split('in timm: ')[1].strip()).eval()
+    simmim = checkpoints.load_model(pre)  # the consolidated weights: the SimMIM model
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = models.extract_features(simmim, x)[0]
+        torch.testing.assert_close(exported.forward_head(exported.forward_features(x), pre_logits=True), pooled)
+
+
+def reshard_worker(rank, port, folder, results):
+    os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    args = pretrain.get_args_parser().parse_args(SHARDED + ['--fsdp', '--output', folder])
+    run = engine.Run(args)
+    try:
+        ckpt = checkpoints.find_resume(folder, None, say=lambda *_: None)
+        config, recipe, _, _ = pretrain.settings(args, run, resume=False)
+        model = models.build_simmim(config, drop_path_rate=0.)
+        names = [n for n, _ in model.named_parameters()]
+        groups = [(g['weight_decay'], g['lr_scale'], len(g['params'])) for g in models.param_groups(model, 0.05)]
+        trainer = engine.Trainer(model, engine.Schedule(recipe, 8), recipe, args, run)
+        trainer.load_state_dict(ckpt)  # saved by 2 processes, loaded by 1
+        whole = checkpoints.gather_weights(checkpoints.shard_folder(ckpt.path, ckpt.saved['sharded']))
+        loaded = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+        sharded_groups = [(g['weight_decay'], g['lr_scale'], len(g['params'])) for g in trainer.optimizer.param_groups]
+        results['gap'] = largest_gap(loaded, whole)
+        results['names'] = names == list(loaded)
+        results['groups'] = groups == sharded_groups
+        results['steps'] = {int(s['step']) for s in trainer.optimizer.state_dict()['state'].values()}
+    finally:
+        run.close()
+
+
+def test_an_fsdp_checkpoint_reshards_to_another_world_size_and_keeps_names_and_groups(sharded):
+    results = torch.multiprocessing.Manager().dict()
+    port = 29500 + (os.getpid() + 700) % 1000
+    torch.multiprocessing.spawn(reshard_worker, args=(port, str(sharded / 'fsdp'), results), nprocs=1)
+    assert dict(results) == dict(gap=0.0, names=True, groups=True, steps={8})
+
+
+def test_swinv2_huge_and_giant_have_the_papers_parameter_counts():
+    for name, paper in (('swinv2_huge', 658e6), ('swinv2_giant', 3.0e9)):
+        with torch.device('meta'):
+            model = models.build_classifier(name, num_classes=1000)
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count / paper - 1) < 0.01, (name, count)
+        norms = [n for n, _ in model.named_parameters() if '.norm3.' in n]  # every 6th block of a stage
+        assert norms[:2] == ['layers.2.blocks.5.norm3.weight', 'layers.2.blocks.5.norm3.bias']
+        assert len(norms) == (6 if name == 'swinv2_huge' else 14)

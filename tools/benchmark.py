@@ -124,8 +124,7 @@ def training_step(args, impl, amp, device):
         run = engine.Run(targs)  # as the scripts: host memory kept, on a CPU denormals flushed
         recipe = engine.recipe(targs, run, pretrain.RECIPE)
         schedule = engine.Schedule(recipe, 1000)  # 1000 steps per epoch
-        optimizer = engine.build_optimizer(models.param_groups(model, recipe['weight_decay']), schedule.lr)
-        trainer = engine.Trainer(model, optimizer, schedule, recipe, targs, run)
+        trainer = engine.Trainer(model, schedule, recipe, targs, run)
         return lambda i: trainer.step(i, [(x, mask)], lambda batch: model(*batch))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)

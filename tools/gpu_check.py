@@ -225,8 +225,7 @@ def host_syncs_item(cfg, out):
                                        args.num_workers, recipe['seed'], run.world_size, run.rank)
             steps = 12
             schedule = engine.Schedule(recipe, 3, run.world_size)  # warm-up: 3 steps
-            optimizer = engine.build_optimizer(models.param_groups(model, recipe['weight_decay']), schedule.lr)
-            trainer = engine.Trainer(model, optimizer, schedule, recipe, args, run)
+            trainer = engine.Trainer(model, schedule, recipe, args, run)
 
             def loss_fn(batch):
                 (images, m), _, _ = batch
