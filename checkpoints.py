@@ -18,6 +18,8 @@ import urllib.error
 import warnings
 import zlib
 
+import filelock  # installed with torch
+import timm
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -78,17 +80,13 @@ class Checkpoint:
 # Reading
 
 def read(path, allow_pickle=False, consolidate=True):
-    """A .pth / .pt / .bin / .safetensors file, a Hugging Face model folder or a published name
-    (downloaded once; under torchrun by the first rank of each machine) -> Checkpoint, its
-    checksum verified. Pickled objects (official checkpoints' yacs config) are refused unless
-    allow_pickle: unpickling runs the file's code. A sharded checkpoint's (--fsdp) shards are
-    verified too, and its weights gathered whole unless consolidate is False (resuming it)."""
+    """A .pth / .pt / .bin / .safetensors file, a Hugging Face model folder (timm's or
+    transformers'), a Hugging Face model id (owner/name[@revision]) or a published name
+    (downloaded once) -> Checkpoint, its checksum verified. Pickled objects (official checkpoints'
+    yacs config) are refused unless allow_pickle: unpickling runs the file's code. A sharded
+    checkpoint's (--fsdp) shards are verified too, and its weights gathered whole unless
+    consolidate is False (resuming it)."""
     path = os.fspath(path)
-    if dist.is_available() and dist.is_initialized() and path in PUBLISHED \
-            and not os.path.exists(path):
-        if os.environ.get('LOCAL_RANK', '0') == '0':
-            download(path)
-        dist.barrier()  # if it failed, torchrun ends the waiting ranks
     saved = load_file(path, allow_pickle)
     if not isinstance(saved, dict):
         raise Corrupt(f"'{path}' holds a {type(saved).__name__}, not a checkpoint (a dict of "
@@ -116,7 +114,8 @@ def read(path, allow_pickle=False, consolidate=True):
 
 
 def load_file(path, allow_pickle):
-    """The dict of a file, a folder or a published name, as torch or safetensors reads it."""
+    """The dict of a file, a folder, a published name or a Hugging Face id, as torch or
+    safetensors reads it."""
     if not os.path.exists(path):
         cached = download(path)
         try:
@@ -124,8 +123,10 @@ def load_file(path, allow_pickle):
         except PickledCheckpoint:
             raise
         except Exception as e:
+            hub = HUB_ID.fullmatch(path)
+            fix = f'hf cache rm model/{hub[1]}' if hub and path not in PUBLISHED else 'delete it'
             raise DownloadError(f"the downloaded '{path}' in {cached} cannot be read "
-                                f"({first_line(e)}): delete it to download it again") from None
+                                f"({first_line(e)}): {fix} to download it again") from None
     if os.path.isdir(path):
         return load_folder(path, allow_pickle)
     try:
@@ -191,14 +192,19 @@ def from_flags(saved):
 
 
 def exported_preprocessing(saved):
-    """The config fields an export's timm pretrained_cfg (and our 'intensity') state."""
-    cfg = saved.get('pretrained_cfg')
+    """The config fields an export states: a timm Hugging Face folder's config.json (its
+    pretrained_cfg, label names and our intensity), or an export .pth of ours before folders."""
+    hub = saved.get('hf_config') or {}
+    cfg = hub.get('pretrained_cfg', saved.get('pretrained_cfg'))
     if not (isinstance(cfg, dict) and 'input_size' in cfg):
-        return {}
+        return {}  # transformers' config.json: its weights say it all
     chans, _, size = cfg['input_size']
+    labels = hub.get('label_names') or cfg.get('label_names') or None
+    if isinstance(labels, dict):  # timm's id -> name
+        labels = [labels[k] for k in sorted(labels, key=int)]
+    intensity = hub.get('intensity', saved.get('intensity'))
     return dict(in_chans=chans, img_size=size, mean=cfg['mean'], std=cfg['std'],
-                crop_pct=cfg.get('crop_pct'), intensity=saved.get('intensity'),
-                classes=cfg.get('label_names') or None)
+                crop_pct=cfg.get('crop_pct'), intensity=intensity, classes=labels)
 
 
 def first_line(error):
@@ -402,26 +408,56 @@ def run_record(output):
 # ---------------------------------------------------------------------------------------------
 # Use: export to timm, load_model
 
-def export(model, config, path):
-    """Write a classifier or a head-less encoder for timm (a linear probe's BatchNorm folded into
-    its head) with its preprocessing as timm's pretrained_cfg and our intensity rule.
-    -> the timm.create_model call that loads both."""
-    state = models.to_timm_layout(model.state_dict())[0]
-    cfg = models.pretrained_cfg(config)
-    entries = dict(state_dict=state, pretrained_cfg=cfg, intensity=cfg.pop('intensity'))
+EXPORTED = {'config.json', 'model.safetensors', 'pytorch_model.bin', 'README.md', '.gitattributes'}
+
+
+def check_export(folder):
+    """A ValueError unless folder is a new or empty one, or an export to replace."""
+    if folder.lower().endswith(FILE_TYPES):
+        raise ValueError(f"--export writes a folder (timm's Hugging Face format: config.json and "
+                         f"model.safetensors), not a file: name a folder, e.g. "
+                         f"{os.path.splitext(folder)[0]}/")
+    if os.path.exists(folder) and not (os.path.isdir(folder) and
+                                       set(os.listdir(folder)) <= EXPORTED):
+        raise ValueError(f"--export '{folder}' holds other files than an export: name a new "
+                         f"folder (an export's is replaced)")
+
+
+def export(model, config, folder):
+    """Write a classifier or a head-less encoder (a linear probe's BatchNorm folded into its head)
+    as timm's save_for_hf writes a model: folder/config.json (the timm architecture and arguments,
+    the preprocessing as pretrained_cfg, the label names, our intensity rule) and
+    folder/model.safetensors, the folder whole or as it was. -> how to load it in timm."""
+    from timm.models._hub import save_for_hf
+    check_export(folder)
     timm_name = models.MODELS[config.model]['timm']
     if not timm_name:
         raise ValueError(f"timm has no {config.model} (its SwinV2 lacks the extra norms): "
                          f"export is for the other models")
-    save_atomic(lambda f: torch.save(entries, f), path)
     kw = models.timm_kwargs(config)
     kw.pop('init_values', None)  # the timm name's own
     if models.MODELS[config.model]['family'] == models.VIT:
         kw['use_fc_norm'] = config.fc_norm
-    shown = ', '.join(f"{k}={v!r}" for k, v in kw.items())
-    return (f"timm.create_model('{timm_name}', {shown}, num_classes="
-            f"{config.num_classes}, checkpoint_path='{path}', pretrained_cfg_overlay=torch.load("
-            f"'{path}')['pretrained_cfg'])")
+    theirs = timm.create_model(timm_name, num_classes=config.num_classes, **kw)
+    theirs.load_state_dict(models.to_timm_layout(model.state_dict())[0])  # all of it, strictly
+    ours = models.pretrained_cfg(config)
+    extra = dict(label_names=ours.pop('label_names'), intensity=ours.pop('intensity'))
+    kept = ('architecture', 'first_conv', 'classifier', 'fixed_input_size')  # not its tag, license
+    theirs.pretrained_cfg = dict({k: theirs.pretrained_cfg[k] for k in kept}, **ours)
+    tmp, old = folder.rstrip('/') + '.tmp', folder.rstrip('/') + '.old'
+    for path in (tmp, old):
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        save_for_hf(theirs, tmp, model_config=extra, model_args=kw, safe_serialization=True)
+        if os.path.exists(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"could not write {folder} ({e.strerror or e}): fix the path or free "
+                         f"some space, and rerun") from None
+    shutil.rmtree(old, ignore_errors=True)
+    return f"timm.create_model('local-dir:{folder}', pretrained=True)"
 
 
 def load_model(path, allow_pickle=False):
@@ -438,10 +474,10 @@ def load_model(path, allow_pickle=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Published weights
+# Downloads: published names (mmpretrain's, with torch.hub's hash check) and any Hugging Face model
 
-# mmpretrain's (each file's name ends in the first 8 hex digits of its SHA-256; paths from
-# MMPRETRAIN) and transformers' on the Hugging Face hub. name -> (what it is, its files).
+# mmpretrain's (each file's name ends in the first 8 hex digits of its SHA-256).
+# name -> (what it is, its path under MMPRETRAIN).
 MMPRETRAIN = 'https://download.openmmlab.com/mmselfsup/1.x/simmim/'
 _B100 = 'simmim_swin-base_8xb256-amp-coslr-100e_in1k-192'
 _B800 = 'simmim_swin-base_16xb128-amp-coslr-800e_in1k-192'
@@ -449,7 +485,6 @@ _L800 = 'simmim_swin-large_16xb128-amp-coslr-800e_in1k-192'
 _B100_FT = 'swin-base_ft-8xb256-coslr-100e_in1k'
 _B800_FT = 'swin-base_ft-8xb256-coslr-100e_in1k-224'
 _L800_FT = 'swin-large_ft-8xb256-coslr-ws14-100e_in1k-224'
-_HF = 'https://huggingface.co/microsoft/swin-base-simmim-window6-192/resolve/main/'
 PUBLISHED = {
     'simmim_swin-base-w6_8xb256-amp-coslr-100e_in1k-192px': (
         'Swin-B pretrained 100 epochs, 192px, window 6', f'{_B100}/{_B100}_20220829-0e15782d.pth'),
@@ -466,48 +501,103 @@ PUBLISHED = {
     'swin-large-w14_simmim-800e-pre_8xb256-coslr-100e_in1k': (
         'Swin-L ImageNet-1k classifier, 800-epoch pretraining, 224px, window 14: top-1 84.8',
         f'{_L800}/{_L800_FT}/{_L800_FT}_20220916-d4865790.pth'),
-    'microsoft/swin-base-simmim-window6-192': (
-        'Swin-B pretrained 100 epochs, 192px, window 6 (transformers)', _HF + 'config.json',
-        _HF + 'pytorch_model.bin'),
 }
+HUB_ID = re.compile(r'(?:hf-hub:)?([\w.-]+/[\w.-]+)(?:@(\S+))?')  # owner/name[@revision]
+FILE_TYPES = ('.pth', '.pt', '.bin', '.safetensors', '.json', '.tar')  # names of missing files
 
 
 def download(name, progress=os.environ.get('RANK', '0') == '0'):
-    """A published name -> its file (a folder for several) in torch's hub cache, downloaded the
-    first time. Each file goes to a hidden name beside its place, is checked (the SHA-256 its name
-    carries, else that it loads), and only then takes its name: a failed or killed download
-    leaves nothing under that name."""
-    if name not in PUBLISHED:
-        close = difflib.get_close_matches(name, PUBLISHED, n=3, cutoff=0.4)
-        hint = f"; close ones: {', '.join(close)}" if close else " (README lists them)"
-        raise ValueError(f"'{name}' does not exist, nor is it a published name{hint}")
-    urls = [url if '://' in url else MMPRETRAIN + url for url in PUBLISHED[name][1:]]
+    """A published name -> its file in torch's hub cache; a Hugging Face model id -> the folder of
+    its files in Hugging Face's cache. Downloaded the first time; the processes of a machine share
+    the work (one downloads, the others wait for it)."""
+    if name in PUBLISHED:
+        return download_published(name, progress)
+    hub = HUB_ID.fullmatch(name)
+    if hub and not name.lower().endswith(FILE_TYPES):
+        return download_from_hub(*hub.groups())
+    close = difflib.get_close_matches(name, PUBLISHED, n=3, cutoff=0.4)
+    hint = f"; close ones: {', '.join(close)}" if close else " (README lists them)"
+    raise ValueError(f"'{name}' does not exist, nor is it a published name{hint} or a Hugging "
+                     f"Face model id (owner/name)")
+
+
+def download_from_hub(repo, revision=None):
+    """owner/name at revision (a branch, tag or commit; default main) -> the folder of its
+    config.json and weights (model.safetensors, else pytorch_model.bin), by huggingface_hub: its
+    cache, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE and file locks."""
+    import huggingface_hub
+    from huggingface_hub import errors
+    name = repo + (f'@{revision}' if revision else '')
+    get = lambda f, **kw: huggingface_hub.hf_hub_download(repo, f, revision=revision, **kw)
+    try:
+        local = False  # True: the Hub did not answer, so the cache's files only
+        try:
+            weights = get('model.safetensors')
+        except errors.EntryNotFoundError as e:  # an older repository's .bin, or no answer
+            local = isinstance(e, errors.LocalEntryNotFoundError)
+            try:
+                weights = get('pytorch_model.bin', local_files_only=local)
+            except errors.LocalEntryNotFoundError:
+                raise e from None
+        try:
+            get('config.json', local_files_only=local)
+        except errors.EntryNotFoundError:  # weights alone: they show the architecture
+            pass
+        return os.path.dirname(weights)
+    except Exception as e:
+        raise DownloadError(f"cannot download '{name}' from the Hugging Face Hub: "
+                            f"{hub_failure(e, repo, revision)}") from None
+
+
+def hub_failure(error, repo, revision):
+    """What went wrong in a Hugging Face download, and the fix, in a few words."""
+    from huggingface_hub import constants, errors
+    if isinstance(error, errors.RevisionNotFoundError):
+        return f"{repo} has no revision '{revision}' (a branch, tag or commit)"
+    if isinstance(error, errors.RepositoryNotFoundError):
+        return (f"no model {repo} at {constants.ENDPOINT}, or it is private or gated: check the "
+                f"name, or log in (hf auth login, or set HF_TOKEN)")
+    if isinstance(error, errors.RemoteEntryNotFoundError):
+        return f"{repo} holds neither model.safetensors nor pytorch_model.bin"
+    if isinstance(error, errors.LocalEntryNotFoundError):
+        why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else \
+            f'{constants.ENDPOINT} cannot be reached'
+        return (f"{why} and Hugging Face's cache ({constants.HF_HUB_CACHE}) does not hold it; "
+                f"run the command once where there is a network (then HF_HUB_OFFLINE=1 reads the "
+                f"cache without asking), or pass a local folder")
+    if isinstance(error, OSError) and not isinstance(error, errors.HfHubHTTPError):
+        return (f"{first_line(error)}: make room in {constants.HF_HUB_CACHE}, or set HF_HOME to "
+                f"another folder")
+    return first_line(error)
+
+
+def download_published(name, progress):
+    """download()'s published name: one file, checked against the SHA-256 its name carries; a
+    failed or killed download leaves nothing under its name."""
+    url = PUBLISHED[name][1]
+    url = url if '://' in url else MMPRETRAIN + url
     folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    if len(urls) > 1:
-        folder = os.path.join(folder, name.replace('/', '--'))
-    for url in urls:
-        path = os.path.join(folder, url.rsplit('/', 1)[1])
-        if not os.path.isfile(path):
-            fetch(name, url, path, len(urls) > 1, progress)
-    return folder if len(urls) > 1 else path
-
-
-def fetch(name, url, path, several, progress):
-    """download()'s one file, with one line for each way it can fail."""
-    folder = os.path.dirname(path)
-    digest = re.search(r'-([0-9a-f]{8})\.\w+$', url)
-    partial = os.path.join(folder, f'.{os.getpid()}.{os.path.basename(path)}')  # same extension
-    yourself = f"download it yourself and pass the path (or put the file, named as in the URL, " \
-               f"into {folder})"
-    if several:
-        yourself = f"download its files into one folder yourself and pass the folder (or put " \
-                   f"them, named as in the URLs, into {folder})"
+    path = os.path.join(folder, url.rsplit('/', 1)[1])
     try:
         os.makedirs(folder, exist_ok=True)
-        torch.hub.download_url_to_file(url, partial, digest and digest[1], progress)
-        if not digest:  # a cut connection goes unnoticed by the download: the file must load
-            with open(partial) as f:
-                json.load(f) if path.endswith('.json') else load_file(partial, False)
+        with filelock.FileLock(path + '.lock'):
+            if not os.path.isfile(path):
+                fetch(name, url, path, progress)
+    except OSError as e:  # here: a full disk, an unwritable cache
+        raise DownloadError(f"cannot store '{name}' in {folder} ({e.strerror or e}): make room "
+                            f"there, or set TORCH_HOME to another folder") from None
+    return path
+
+
+def fetch(name, url, path, progress):
+    """One file into path, with one line for each way it can fail."""
+    folder = os.path.dirname(path)
+    digest = re.search(r'-([0-9a-f]{8})\.\w+$', url)[1]
+    partial = os.path.join(folder, f'.{os.getpid()}.{os.path.basename(path)}')
+    yourself = f"download it yourself and pass the path (or put the file, named as in the URL, " \
+               f"into {folder})"
+    try:
+        torch.hub.download_url_to_file(url, partial, digest, progress)
         os.replace(partial, path)
     except Exception as e:
         reason = first_line(getattr(e, 'reason', None) or e)
@@ -517,12 +607,11 @@ def fetch(name, url, path, several, progress):
         if isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
             raise DownloadError(f"cannot download '{name}' from {url} ({reason}): where there is "
                                 f"a network, {yourself}") from None
-        if isinstance(e, OSError):  # here: a full disk, an unwritable cache
-            raise DownloadError(f"cannot store '{name}' in {folder} ({reason}): make room there, "
-                                f"or set TORCH_HOME to another folder") from None
+        if isinstance(e, OSError):
+            raise
         what = reason
         if 'invalid hash' in reason:
-            what = f"cut short or altered: its SHA-256 does not start with {digest[1]}"
+            what = f"cut short or altered: its SHA-256 does not start with {digest}"
         raise DownloadError(f"the download of '{name}' from {url} is not the published file "
                             f"({what}): deleted; try again, or {yourself}") from None
     finally:

@@ -98,10 +98,10 @@ def get_args_parser():
                    help='print the top-5 classes of these images (files or folders) with the '
                         '--resume checkpoint')
     g.add_argument('--predict-csv', metavar='PATH', help='also write the predictions to this CSV')
-    g.add_argument('--export', metavar='PATH',
+    g.add_argument('--export', metavar='DIR',
                    help="write the --pretrained encoder (at --img-size) or the --resume "
-                        "classifier as a timm state dict and print the timm.create_model call "
-                        "that loads it")
+                        "classifier as timm's Hugging Face folder (config.json, "
+                        "model.safetensors): timm.create_model('local-dir:DIR', pretrained=True)")
     return p
 
 
@@ -178,7 +178,9 @@ def check_sources(args, resumed, source, use):
     if args.export and os.path.exists(args.export) and \
             any(os.path.samefile(args.export, p) for p in read):
         raise ValueError(f"--export '{args.export}' is the checkpoint it would read: name a new "
-                         f"file")
+                         f"folder")
+    if args.export:
+        checkpoints.check_export(args.export)
     if args.linear_probe and args.fsdp:
         raise ValueError("a linear probe trains its head only: the frozen encoder needs no --fsdp "
                          "(leave it out)")
