@@ -179,6 +179,9 @@ def add_run_args(g, output, compile):
                    help='torch.compile the training step (the first compiles a minute or two); '
                         'auto: on GPUs, where it was measured faster')
     g.add_argument('--output', default=output, help='checkpoints, logs and pictures')
+    g.add_argument('--tensorboard', default='auto', choices=['auto', 'on', 'off'],
+                   help="also write log.jsonl's numbers and the pictures for TensorBoard, to "
+                        "OUTPUT/tensorboard; auto: where the tensorboard package is installed")
     g.add_argument('--resume', help='checkpoint (default: OUTPUT/checkpoint.pth if any); to use: '
                                     'also a published name')
     g.add_argument('--accept-changes', action='store_true',
@@ -254,6 +257,8 @@ class Run:
     printing and logging, the output folder, and the SIGTERM that schedulers send first."""
 
     def __init__(self, args):
+        self.board, self.pictures = None, []  # TensorBoard's writer; pictures waiting for it
+        self.writer = summary_writer(args.tensorboard)
         # torchrun sets RANK and WORLD_SIZE: then the run is distributed, with one process too
         self.distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
         self.world_size = int(os.environ['WORLD_SIZE']) if self.distributed else 1
@@ -309,12 +314,28 @@ class Run:
         if self.main:
             print(f"[{datetime.datetime.now():%Y-%m-%d %H:%M:%S}]", *msg, flush=True)
 
-    def log(self, record):
-        """One JSON line in OUTPUT/log.jsonl (rank 0)."""
+    def log(self, record, step):
+        """One JSON line in OUTPUT/log.jsonl, and its numbers as TensorBoard scalars of the same
+        names at global step `step` (rank 0)."""
         if self.main:
             self.check_output()
             with open(os.path.join(self.output, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
+        if self.board:
+            for key, value in record.items():
+                if key not in ('epoch', 'step') and type(value) in (int, float):
+                    self.board.add_scalar(key, value, step)
+
+    def picture(self, name, image, step):
+        """An image (C, H, W; 0-1) for TensorBoard at global step `step` (rank 0); before the
+        output is claimed (start_output) it waits."""
+        if self.main and self.writer:
+            self.pictures.append((name, image.cpu(), step))
+            self.show_pictures()
+
+    def show_pictures(self):
+        while self.board and self.pictures:
+            self.board.add_image(*self.pictures.pop(0))
 
     def save(self, entries, copies=(), sharded=False):
         """OUTPUT/checkpoint.pth and copies (rank 0; sharded: every rank writes its shards), if
@@ -324,6 +345,8 @@ class Run:
             checkpoints.save_sharded(self.output, entries, copies)
         elif self.main:
             checkpoints.save(self.output, entries, copies)
+        if self.board:  # its events up to the checkpoint on disk with it
+            self.board.flush()
 
     def make_output(self):
         """Create --output, or a ValueError saying it cannot be."""
@@ -364,6 +387,10 @@ class Run:
                     if record.get('step', (record['epoch'] + 1) * steps_per_epoch) <= start:
                         kept.append(line)
         checkpoints.save_atomic(lambda f: f.write(''.join(kept).encode()), log)
+        if self.writer:  # TensorBoard hides the events of steps past `start` (a killed attempt's)
+            self.board = self.writer(os.path.join(self.output, 'tensorboard'),
+                                     purge_step=start + 1 if resumed else 0)
+            self.show_pictures()
 
     def check_output(self):
         """Stop if another run has started in --output since this one (its args.json names it):
@@ -375,10 +402,27 @@ class Run:
                              f"run its own --output")
 
     def close(self):
+        if self.board:
+            self.board.close()
         if not self.sigterm:  # once signalled, a second SIGTERM at exit must not kill the stop
             signal.signal(signal.SIGTERM, self.previous_handler)
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def summary_writer(choice):
+    """torch's TensorBoard SummaryWriter for --tensorboard, or None (off; auto without the
+    tensorboard package)."""
+    if choice == 'off':
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if choice == 'on':
+            raise ValueError("--tensorboard on needs the tensorboard package: pip install "
+                             "tensorboard (or leave the flag out)") from None
+        return None
+    return SummaryWriter
 
 
 def pick_device(name):
@@ -774,7 +818,7 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, state, start=0):
     seconds = time.time() - epoch_start
     run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(seconds))}: mean loss "
               f"{mean_loss:.4f}")
-    run.log(dict(epoch=epoch, epoch_loss=mean_loss, epoch_time_s=seconds))
+    run.log(dict(epoch=epoch, epoch_loss=mean_loss, epoch_time_s=seconds), (epoch + 1) * steps)
     return True
 
 
@@ -806,7 +850,7 @@ def log_step(trainer, since_log, epoch, it, grad_norm):
     if r['nonfinite_steps']:
         line += f" non-finite steps {r['nonfinite_steps']}"
     run.print(line)
-    run.log(r)
+    run.log(r, step)
 
 
 def peak_memory_gb(device):

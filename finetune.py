@@ -412,7 +412,8 @@ def finetune(args, run, config, recipe, model, train_set, val_loader, resumed):
         if len(stats['confusion']) > 100:  # ImageNet's would be a million numbers per epoch
             del stats['confusion']
         record = {f'val_{k}': v for k, v in stats.items()}
-        run.log(dict(epoch=epoch, **record, max_accuracy=entries['max_accuracy']))
+        run.log(dict(epoch=epoch, **record, max_accuracy=entries['max_accuracy']),
+                (epoch + 1) * schedule.steps_per_epoch)
         entries['acc1'] = stats['acc1']
         return ['best.pth'] if epoch == 0 or best else []
 

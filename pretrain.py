@@ -130,7 +130,8 @@ def pretrain(args, run):
     pictures = picture_batch(dataset, shown, mask_generator, run.device)
     if not resumed:
         run.make_output()
-        save_reconstructions(model, *pictures, config, picture('start'), trainer.autocast)
+        drawn = save_reconstructions(model, *pictures, config, picture('start'), trainer.autocast)
+        run.picture('reconstruction', drawn, 0)
 
     # the loss: the L1 distance of the reconstructed pixels in the masked squares (models.SimMIM)
     def loss_fn(batch):
@@ -141,7 +142,8 @@ def pretrain(args, run):
     def end_epoch(epoch, numbered):
         if numbered:
             name = 'end' if epoch + 1 == schedule.epochs else f'epoch_{epoch}'
-            save_reconstructions(model, *pictures, config, picture(name), trainer.autocast)
+            drawn = save_reconstructions(model, *pictures, config, picture(name), trainer.autocast)
+            run.picture('reconstruction', drawn, (epoch + 1) * schedule.steps_per_epoch)
         return []
 
     entries = dict(kind='pretrain', config=dataclasses.asdict(config), recipe=recipe)
@@ -166,7 +168,7 @@ def masking(config, recipe, run):
 @torch.no_grad()
 def save_reconstructions(model, images, masks, config, path, autocast=contextlib.nullcontext()):
     """A PNG grid, a row per image: original | masked input | reconstruction | reconstruction in
-    the masked squares; written to path if any."""
+    the masked squares; written to path if any. -> the grid (C, H, W)."""
     was_training = model.training
     with autocast:  # as in training (--fsdp: bf16 weights)
         rec = model.eval().reconstruct(images, masks).float()
@@ -178,9 +180,11 @@ def save_reconstructions(model, images, masks, config, path, autocast=contextlib
     m = masks.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).to(images.dtype)
     rows = [images, images * (1 - m) + 0.5 * m, rec, images * (1 - m) + rec * m]
     grid = torch.stack(rows, 1).flatten(0, 1)[:, :3]  # more channels: the first three shown
-    write = lambda f: torchvision.utils.save_image(grid.cpu(), f, nrow=4, padding=2, format='PNG')
+    grid = torchvision.utils.make_grid(grid.cpu(), nrow=4, padding=2)
     if path:
+        write = lambda f: torchvision.utils.save_image(grid, f, format='PNG')
         checkpoints.save_atomic(write, path)
+    return grid
 
 
 def picture_batch(dataset, transform, mask_generator, device, n=8):

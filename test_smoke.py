@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import copy
+import glob
 import importlib
 import io
 import json
@@ -492,6 +493,7 @@ def test_pretrain_end_to_end_with_exact_resume(tmp_path, capsys):
     # the same weights, and the log reads as the uninterrupted run's (the lost attempt's records dropped)
     os.makedirs(tmp_path / 'again')
     os.link(tmp_path / 'run' / 'ckpt_epoch_0.pth', tmp_path / 'again' / 'checkpoint.pth')
+    shutil.copytree(tmp_path / 'run' / 'tensorboard', tmp_path / 'again' / 'tensorboard')
     with open(tmp_path / 'again' / 'log.jsonl', 'w') as f:
         f.write(open(tmp_path / 'run' / 'log.jsonl').read()[:-40])  # and its last line cut short
     with pytest.warns(UserWarning, match='corrupt.jpg'):
@@ -502,6 +504,36 @@ def test_pretrain_end_to_end_with_exact_resume(tmp_path, capsys):
         assert torch.equal(v, resumed['model'][k]), k
     assert [(r.get('step'), r.get('loss')) for r in read_log(tmp_path / 'again')] == \
         [(r.get('step'), r.get('loss')) for r in log]
+
+    # TensorBoard shows log.jsonl's numbers, across the resume each step once (its steps 3 and 4 written twice)
+    for run in ('run', 'again'):
+        scalars, pictures = read_tensorboard(tmp_path / run / 'tensorboard')
+        assert scalars == log_scalars(read_log(tmp_path / run), steps_per_epoch=2) and pictures == [0, 2, 4], run
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    written = [e.step for f in glob.glob(str(tmp_path / 'again' / 'tensorboard' / '*')) for e in
+               EventFileLoader(f).Load() if e.HasField('summary') and e.summary.value[0].tag == 'loss']
+    assert sorted(written) == [1, 2, 3, 3, 4, 4]  # the control: what the purge at the resume hides
+
+
+def read_tensorboard(folder):
+    """TensorBoard's view of a run: {tag: [(step, value)]} and the steps of its pictures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(folder), size_guidance={'scalars': 0, 'images': 0})
+    board.Reload()
+    scalars = {tag: [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars(tag)]
+               for tag in board.Tags()['scalars']}
+    return scalars, [e.step for e in board.Images('reconstruction')]
+
+
+def log_scalars(log, steps_per_epoch):
+    """log.jsonl's numbers as read_tensorboard gives them."""
+    scalars = {}
+    for r in log:
+        step = r.get('step', (r['epoch'] + 1) * steps_per_epoch)
+        for key, value in r.items():
+            if key not in ('epoch', 'step') and type(value) in (int, float):
+                scalars.setdefault(key, []).append((step, value))
+    return scalars
 
 
 def test_pretrain_bad_input_is_one_line(tmp_path):
