@@ -522,7 +522,8 @@ def read_tensorboard(folder):
     board.Reload()
     scalars = {tag: [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars(tag)]
                for tag in board.Tags()['scalars']}
-    return scalars, [e.step for e in board.Images('reconstruction')]
+    pictures = board.Images('reconstruction') if board.Tags()['images'] else []
+    return scalars, [e.step for e in pictures]
 
 
 def log_scalars(log, steps_per_epoch):
@@ -772,6 +773,16 @@ def test_pretrain_then_finetune_across_a_window_change(finetuned, capsys):
     assert ckpt['model']['layers.0.blocks.0.attn.relative_position_bias_table'].shape == (169, 1)  # window 7
     assert {'best.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_3.pth'} <= set(os.listdir(finetuned / 'ft'))
     assert max(r['val_acc1'] for r in log if 'val_acc1' in r) == ckpt['max_accuracy']
+    scalars, _ = read_tensorboard(finetuned / 'ft' / 'tensorboard')  # the validation's numbers too
+    assert scalars == log_scalars(log, ckpt['steps_per_epoch']) and len(scalars['val_acc1']) == 4
+
+
+def test_tensorboard_without_its_package_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'tensorboard', None)  # as if not installed
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
+    assert engine.summary_writer('auto') is None  # auto: without it
+    with pytest.raises(SystemExit, match='--tensorboard on needs the tensorboard package: pip install tensorboard'):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--tensorboard', 'on'))
 
 
 def test_eval_reproduces_the_recorded_accuracy(finetuned, capsys):
