@@ -1363,6 +1363,39 @@ def test_the_ranks_end_with_their_torchrun(tmp_path):
         end_all(proc, ranks.values())
 
 
+def test_the_slurm_script_saves_requeues_and_resumes_before_the_time_limit(tmp_path):
+    """slurm.sh with stand-ins for srun (one node) and scontrol: at the time limit's USR1 the ranks save and stop,
+    the job requeues itself, and the requeued job's same command finishes the run from its checkpoint."""
+    import time
+    write_images(tmp_path / 'data', 8)
+    stand_ins = {'srun': 'SLURM_NODEID=0 exec "$@"',
+                 'scontrol': 'if [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> "$REQUEUED"; fi'}
+    for name, body in stand_ins.items():
+        (tmp_path / name).write_text(f'#!/bin/bash\n{body}\n')
+        os.chmod(tmp_path / name, 0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+               SLURM_JOB_NODELIST='node[0]', SLURM_NNODES='1', SLURM_JOB_ID='42', SLURM_GPUS_ON_NODE='2',
+               TMPDIR=str(tmp_path), PORT=str(29500 + (os.getpid() + 700) % 1000), REQUEUED=str(tmp_path / 'requeued'))
+    command = ['bash', 'slurm.sh', 'pretrain.py', '--model', 'vit_small', '--img-size', '32', '--mask-patch-size', '16',
+               '--embed-dim', '12', '--depths', '1', '--num-heads', '2', '--data-path', str(tmp_path / 'data'),
+               '--batch-size', '1', '--num-workers', '0', '--epochs', '30', '--warmup-epochs', '0', '--output',
+               str(tmp_path / 'run'), '--print-freq', '1', '--amp', 'off']
+    job = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(tmp_path / 'run' / 'log.jsonl') and time.time() < deadline:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)  # SLURM's --signal=B:USR1@600
+    out = job.communicate(timeout=120)[0]
+    assert job.returncode == 0 and 'SIGTERM: stopped after ' in out, out
+    assert (tmp_path / 'requeued').read_text() == 'requeue 42\n'
+    stopped = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
+    assert stopped['epoch'] < 29, 'the run ended before the signal'
+    done = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=180)  # the requeued job
+    assert done.returncode == 0 and 'resumed from' in done.stdout, done.stdout + done.stderr
+    assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['epoch'] == 29
+    assert (tmp_path / 'requeued').read_text() == 'requeue 42\n'  # not again: it finished
+
+
 def test_attention_with_and_without_sdpa_agree():
     for name in ('swin_tiny', 'swinv2_tiny', 'vit_small'):
         model = tiny_simmim(name).eval()
