@@ -1,7 +1,7 @@
-"""Checkpoint files. read() takes any supported file, Hugging Face folder or published name into
-one Checkpoint, its weights converted to timm's layout once; save() writes ours whole, with a
-checksum; find_resume() is the auto-resume search; export() writes a classifier or encoder for
-timm; load_model() gives the model of any checkpoint, for use from Python.
+"""Checkpoint files. read() takes any supported file, Hugging Face folder, Hugging Face model id or
+published name into one Checkpoint, its weights converted to timm's layout once; save() writes ours
+whole, with a checksum; find_resume() is the auto-resume search; export() writes a classifier or
+encoder as timm's Hugging Face folder; load_model() gives the model of any checkpoint, for Python.
 
     model = load_model('swin-base-w6_simmim-100e-pre_8xb256-coslr-100e_in1k-192px')   # eval mode
     ckpt = read('output/simmim_pretrain/checkpoint.pth')   # .config, .state, .recipe, .saved
@@ -153,7 +153,8 @@ def load_file(path, allow_pickle):
 
 
 def load_folder(path, allow_pickle):
-    """A Hugging Face model folder: model.safetensors or pytorch_model.bin, with config.json."""
+    """A Hugging Face model folder (timm's or transformers'): model.safetensors or
+    pytorch_model.bin, with config.json."""
     files = [os.path.join(path, f) for f in ('model.safetensors', 'pytorch_model.bin')]
     found = [f for f in files if os.path.isfile(f)]
     if not found:
@@ -555,8 +556,8 @@ def hub_failure(error, repo, revision):
     if isinstance(error, errors.RevisionNotFoundError):
         return f"{repo} has no revision '{revision}' (a branch, tag or commit)"
     if isinstance(error, errors.RepositoryNotFoundError):
-        return (f"no model {repo} at {constants.ENDPOINT}, or it is private or gated: check the "
-                f"name, or log in (hf auth login, or set HF_TOKEN)")
+        return (f"no file or folder '{repo}' here, nor a model {repo} at {constants.ENDPOINT} (or "
+                f"it is private or gated: log in with hf auth login, or set HF_TOKEN)")
     if isinstance(error, errors.RemoteEntryNotFoundError):
         return f"{repo} holds neither model.safetensors nor pytorch_model.bin"
     if isinstance(error, errors.LocalEntryNotFoundError):

@@ -257,8 +257,8 @@ class Run:
     printing and logging, the output folder, and the SIGTERM that schedulers send first."""
 
     def __init__(self, args):
-        self.board, self.pictures = None, []  # TensorBoard's writer; pictures waiting for it
-        self.writer = summary_writer(args.tensorboard)
+        self.tensorboard = summary_writer(args.tensorboard)  # the class, or None
+        self.board, self.pictures = None, []  # its writer (from start_output), pictures awaiting it
         # torchrun sets RANK and WORLD_SIZE: then the run is distributed, with one process too
         self.distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
         self.world_size = int(os.environ['WORLD_SIZE']) if self.distributed else 1
@@ -329,7 +329,7 @@ class Run:
     def picture(self, name, image, step):
         """An image (C, H, W; 0-1) for TensorBoard at global step `step` (rank 0); before the
         output is claimed (start_output) it waits."""
-        if self.main and self.writer:
+        if self.main and self.tensorboard:
             self.pictures.append((name, image.cpu(), step))
             self.show_pictures()
 
@@ -387,8 +387,8 @@ class Run:
                     if record.get('step', (record['epoch'] + 1) * steps_per_epoch) <= start:
                         kept.append(line)
         checkpoints.save_atomic(lambda f: f.write(''.join(kept).encode()), log)
-        if self.writer:  # TensorBoard hides the events of steps past `start` (a killed attempt's)
-            self.board = self.writer(os.path.join(self.output, 'tensorboard'),
+        if self.tensorboard:  # TensorBoard hides the events of steps past `start` (a killed attempt's)
+            self.board = self.tensorboard(os.path.join(self.output, 'tensorboard'),
                                      purge_step=start + 1 if resumed else 0)
             self.show_pictures()
 

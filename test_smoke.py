@@ -838,7 +838,7 @@ def test_linear_probe_trains_only_the_head(finetuned, tmp_path, capsys):
     assert 'swin_tiny: 130 trainable parameters' in out  # Linear(64, 2)
     assert 'linear probe: SGD (momentum 0.9), --base-lr 1.0, --warmup-lr 0.0' in out
     finetune.main(finetune.get_args_parser().parse_args([  # in timm: the BatchNorm folded into a plain linear head
-        '--resume', str(tmp_path / 'lp' / 'checkpoint.pth'), '--export', str(tmp_path / 'lp.pth')]))
+        '--resume', str(tmp_path / 'lp' / 'checkpoint.pth'), '--export', str(tmp_path / 'lp_export')]))
     import timm  # noqa: F401 (the printed command uses it)
     exported = eval(capsys.readouterr().out.split('in timm: ')[1].strip()).eval()
     ours = models.linear_probe(models.build_classifier(models.model_config(pretrain=False, **probe['config'])))
@@ -878,7 +878,7 @@ def test_finetune_bad_input_is_one_line(finetuned, tmp_path):
         (['--eval', '--data-path', str(finetuned / 'data')], '--eval and --predict need a fine-tuned checkpoint'),
         (['--predict', str(finetuned / 'data' / 'val'), '--resume', str(finetuned / 'pre' / 'checkpoint.pth')],
          'holds no classifier (a pretraining checkpoint?)'),
-        (['--export', str(tmp_path / 'x.pth'), '--linear-probe', '--pretrained',
+        (['--export', str(tmp_path / 'x'), '--linear-probe', '--pretrained',
           str(finetuned / 'pre' / 'checkpoint.pth')], "--export writes a trained model: export the probe's checkpoint"),
     ]
     for extra, message in cases:
@@ -998,7 +998,7 @@ def test_pickled_checkpoints_need_the_explicit_opt_in(tmp_path):
     assert checkpoints.read(str(tmp_path / 'official.pth'), allow_pickle=True).saved['config'] == argparse_namespace
     with pytest.raises(SystemExit, match='--allow-pickle'):
         finetune.main(finetune.get_args_parser().parse_args(['--pretrained', str(tmp_path / 'official.pth'),
-                                                             '--export', str(tmp_path / 'x.pth')]))
+                                                             '--export', str(tmp_path / 'x')]))
 
 
 def test_export_from_any_layout_loads_in_timm(tmp_path, capsys):
@@ -2212,8 +2212,8 @@ def test_a_hugging_face_model_id_downloads_through_huggingface_hub(hf_hub, tmp_p
 
 @pytest.mark.parametrize('name, offline, message', [
     ('org/tiny-timm@nope', '0', "org/tiny-timm has no revision 'nope' \\(a branch, tag or commit\\)"),
-    ('org/missing', '0', r"no model org/missing at http://127.0.0.1:\d+, or it is private or gated: check the name, "
-                         r"or log in \(hf auth login, or set HF_TOKEN\)"),
+    ('org/missing', '0', r"no file or folder 'org/missing' here, nor a model org/missing at http://127.0.0.1:\d+ "
+                         r"\(or it is private or gated: log in with hf auth login, or set HF_TOKEN\)"),
     ('org/no-weights', '0', 'org/no-weights holds neither model.safetensors nor pytorch_model.bin'),
     ('org/tiny-timm', '1', r"HF_HUB_OFFLINE is set and Hugging Face's cache \(.*\) does not hold it; run the command "
                            r"once where there is a network"),
