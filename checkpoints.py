@@ -23,6 +23,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 import models
 
@@ -286,7 +287,8 @@ def save_sharded(folder, entries, copies=()):
         shutil.rmtree(path)
     dist.barrier()
     try:
-        dcp.save(dict(model=entries['model'], optimizer=entries['optimizer']), checkpoint_id=path)
+        unwrapped(dcp.save, dict(model=entries['model'], optimizer=entries['optimizer']),
+                  checkpoint_id=path)
     except (OSError, RuntimeError) as e:
         raise ValueError(f"could not write {path} ({first_line(e)}); the previous checkpoint is "
                          f"intact: fix the folder or free some space, and rerun") from None
@@ -298,7 +300,7 @@ def save_sharded(folder, entries, copies=()):
         manifest['sharded'] = dict(folder=name, files={k: v for c in crcs for k, v in c.items()})
         save(folder, manifest, copies)
         named = [manifest_of(os.path.join(folder, f)) for f in os.listdir(folder)]
-        kept = {m['sharded']['folder'] for m in named if m and 'sharded' in m}
+        kept = {name} | {m['sharded']['folder'] for m in named if m and 'sharded' in m}
         for old in os.listdir(folder):
             if old.startswith('shards-') and old not in kept:
                 shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
@@ -306,13 +308,23 @@ def save_sharded(folder, entries, copies=()):
 
 
 def manifest_of(path):
-    """The dict of a small .pth (a sharded checkpoint's manifest), or None."""
-    if not path.endswith('.pth') or os.path.getsize(path) > 2 ** 20:
+    """The dict of a .pth (a sharded checkpoint's manifest), or None; memory-mapped, so a whole
+    checkpoint's weights are not read."""
+    if not path.endswith('.pth'):
         return None
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception:
         return None
+
+
+def unwrapped(call, *args, **kwargs):
+    """A torch.distributed.checkpoint call whose CheckpointException (a BaseException holding
+    each rank's error) is raised as the first rank's error."""
+    try:
+        return call(*args, **kwargs)
+    except CheckpointException as e:
+        raise next(iter(e.failures.values()))[0] from None
 
 
 def file_crc(path):
@@ -331,6 +343,9 @@ def verify_shards(path, sharded):
     """Corrupt unless every shard file is whole (its CRC-32); under torchrun each rank checks a
     share of the files and they agree."""
     folder, files = shard_folder(path, sharded), sorted(sharded['files'])
+    if not os.path.isdir(folder):
+        raise Corrupt(f"checkpoint '{path}' names its shards' folder {folder}, which is missing: "
+                      f"copy it beside the checkpoint (a checkpoint.pth of --fsdp is a manifest)")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     bad = []
     for f in files[rank::world]:
@@ -350,7 +365,12 @@ def verify_shards(path, sharded):
 def load_shards(checkpoint, state):
     """Fill state ({'model': ..., 'optimizer': ...}, FSDP's sharded state dicts) from a sharded
     checkpoint, resharded to this run's processes."""
-    dcp.load(state, checkpoint_id=shard_folder(checkpoint.path, checkpoint.saved['sharded']))
+    folder = shard_folder(checkpoint.path, checkpoint.saved['sharded'])
+    try:
+        unwrapped(dcp.load, state, checkpoint_id=folder)
+    except (OSError, AssertionError) as e:  # verified, then gone: another run's save
+        raise ValueError(f"cannot read {folder} ({first_line(e)}); if another run saves into "
+                         f"this folder, give each run its own --output") from None
 
 
 def gather_weights(folder):
@@ -362,17 +382,22 @@ def gather_weights(folder):
              if k.startswith('model.') and isinstance(m, dcp.metadata.TensorStorageMetadata)}
     with warnings.catch_warnings():  # that it reads in one process, as asked
         warnings.simplefilter('ignore')
-        dcp.load(dict(model=model), storage_reader=reader, no_dist=True)
+        unwrapped(dcp.load, dict(model=model), storage_reader=reader, no_dist=True)
     return model
 
 
 def find_resume(output, resume, auto=True, training=True, allow_pickle=False, say=print):
-    """The checkpoint to resume: resume (a path or name), else OUTPUT/checkpoint.pth when auto and
-    it exists; in training OUTPUT's also when a run of the same resume saved it there (the same
-    command, rerun, continues its own progress). The search passes over a corrupted checkpoint to
-    the newest intact one, saying so. -> Checkpoint or None."""
+    """The checkpoint to resume: resume (a path or name), else OUTPUT's newest intact one when auto
+    (checkpoint.pth, else the newest ckpt_epoch_N.pth); in training OUTPUT's also when a run of the
+    same resume saved it there (the same command, rerun, continues its own progress). The search
+    passes over a corrupted or missing checkpoint.pth, saying so. -> Checkpoint or None."""
     latest = os.path.join(output, 'checkpoint.pth')
-    auto = auto and os.path.isfile(latest)
+    numbered = {}
+    for name in os.listdir(output) if os.path.isdir(output) else []:
+        found = re.fullmatch(r'ckpt_epoch_(\d+)\.pth', name)
+        if found:
+            numbered[int(found[1])] = os.path.join(output, name)
+    auto = auto and (os.path.isfile(latest) or bool(numbered))
     record = run_record(output) or {}
     started_from = record.get('started_from', (record.get('args') or {}).get('resume'))
     same = lambda a, b: a == b or a and b and os.path.abspath(a) == os.path.abspath(b)
@@ -382,12 +407,10 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
         return read(resume, allow_pickle, consolidate=False)
     if not auto:
         return None
-    numbered = {}
-    for name in os.listdir(output):
-        found = re.fullmatch(r'ckpt_epoch_(\d+)\.pth', name)
-        if found:
-            numbered[int(found[1])] = os.path.join(output, name)
-    for path in [latest] + [numbered[e] for e in sorted(numbered, reverse=True)]:
+    if not os.path.isfile(latest):
+        say(f"{latest} is missing: passed over")
+    candidates = [latest] * os.path.isfile(latest) + [numbered[e] for e in sorted(numbered)[::-1]]
+    for path in candidates:
         try:
             return read(path, allow_pickle, consolidate=False)
         except Corrupt as e:

@@ -274,7 +274,10 @@ class Run:
         # warnings in one line; DDP's about a 1x1 conv's grad strides on CPU says nothing
         warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
         warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-        if self.distributed:
+        # FSDP2's about a block returning a view: ours are never changed in place (FSDP == DDP test)
+        warnings.filterwarnings('ignore', message=r'FSDP2-wrapped module \(.*\) returned a view')
+        if self.distributed:  # a killed torchrun ends its ranks, also before their first sync
+            end_with_parent()
             timeout = datetime.timedelta(minutes=args.dist_timeout)
             dist.init_process_group('nccl' if cuda else 'gloo', timeout=timeout)
         self.main = self.rank == 0
@@ -387,9 +390,9 @@ class Run:
                     if record.get('step', (record['epoch'] + 1) * steps_per_epoch) <= start:
                         kept.append(line)
         checkpoints.save_atomic(lambda f: f.write(''.join(kept).encode()), log)
-        if self.tensorboard:  # TensorBoard hides the events of steps past `start` (a killed attempt's)
+        if self.tensorboard:  # it hides the events of steps past `start` (a killed attempt's)
             self.board = self.tensorboard(os.path.join(self.output, 'tensorboard'),
-                                     purge_step=start + 1 if resumed else 0)
+                                          purge_step=start + 1 if resumed else 0)
             self.show_pictures()
 
     def check_output(self):
@@ -456,6 +459,15 @@ def keep_freed_memory():
         return
     libc.mallopt(-4, 0)  # M_MMAP_MAX: no allocation gets its own mapping
     libc.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GB of free heap
+
+
+def end_with_parent():
+    """SIGTERM to this process when its parent (torchrun) ends (Linux): a rank still starting
+    stops at once, a training one at its next log line."""
+    try:
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux with glibc
+        pass
 
 
 def launch(body, args):
@@ -759,10 +771,11 @@ def resume(trainer, checkpoint):
     keys = 'batch_size', 'accumulation_steps', 'effective_batch'
     batch = [checkpoint.recipe[k] for k in keys]
     if step < steps and batch != [trainer.recipe[k] for k in keys]:
+        world = batch[2] // (batch[0] * batch[1])
         raise ValueError(f"'{path}' stopped inside epoch {epoch} with another batch (per process "
                          f"and step: {batch[0]} x {batch[1]}, in all {batch[2]}); resume it with "
-                         f"the same one (--batch-size {batch[0]}), or from the end of an epoch "
-                         f"(a ckpt_epoch_N.pth)")
+                         f"the same one (--batch-size {batch[0]} --accumulation-steps {batch[1]} "
+                         f"on {world} processes), or from the end of an epoch (a ckpt_epoch_N.pth)")
     if step < steps and steps != trainer.schedule.steps_per_epoch:
         raise ValueError(f"'{path}' stopped inside an epoch of {steps} steps; the data now make "
                          f"{trainer.schedule.steps_per_epoch}: resume with the same images, or "

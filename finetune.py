@@ -130,6 +130,10 @@ def settings(args, run):
     inherited = resumed.recipe if resumed else {}
     probe = args.linear_probe or inherited.get('linear_probe')
     recipe = engine.recipe(args, run, PROBE if probe else RECIPE, inherited)
+    if probe and recipe['fsdp'] and not use:
+        how = 'leave --fsdp out' if args.fsdp else \
+            f"probe its weights in a new --output (--pretrained {resumed.path} --linear-probe)"
+        raise ValueError(f"a linear probe trains its head only, which needs no --fsdp: {how}")
     if resumed:  # its model, and (training) its recipe
         saved = dict(resumed.recipe, **resumed.config)
         saved['vit_norm'] = 'fc' if saved.get('fc_norm', True) else 'final'
@@ -181,9 +185,6 @@ def check_sources(args, resumed, source, use):
                          f"folder")
     if args.export:
         checkpoints.check_export(args.export)
-    if args.linear_probe and args.fsdp:
-        raise ValueError("a linear probe trains its head only: the frozen encoder needs no --fsdp "
-                         "(leave it out)")
     if args.export and args.linear_probe and not resumed:
         raise ValueError("--export writes a trained model: export the probe's checkpoint "
                          "(--resume PATH), or the encoder without --linear-probe")

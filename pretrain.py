@@ -238,7 +238,8 @@ def reconstruct(args, run):
         with data.seeded(recipe['seed'] + n):
             masks = torch.stack([mask_generator() for _ in batch])
         path = os.path.join(args.output, f'reconstruction_{n}.png')
-        save_reconstructions(model, batch.to(run.device), masks.to(run.device), config, path)
+        save_reconstructions(model, batch.to(run.device), masks.to(run.device), config,
+                             path if run.main else None)
         run.print(f"wrote {path}: " + ', '.join(p for p, _ in chunk))
     if n == 1:
         raise ValueError(f"none of the {len(files)} images given to --reconstruct could be read")

@@ -2418,6 +2418,35 @@ def test_a_flipped_byte_in_the_newest_shards_is_caught_and_passed_over(sharded, 
     assert found.path.endswith('ckpt_epoch_0.pth') and len(said) == 2 and all('passed over' in s for s in said)
 
 
+def test_a_missing_checkpoint_or_shard_folder_is_named_and_passed_over(sharded, tmp_path):
+    shutil.copytree(sharded / 'fsdp', tmp_path / 'run')
+    os.remove(tmp_path / 'run' / 'checkpoint.pth')  # deleted: the newest numbered one resumes, not a fresh start
+    said = []
+    found = checkpoints.find_resume(str(tmp_path / 'run'), None, say=said.append)
+    assert found.path.endswith('ckpt_epoch_1.pth') and said == [f"{tmp_path / 'run' / 'checkpoint.pth'} is missing: "
+                                                                 f"passed over"]
+    os.makedirs(tmp_path / 'copy')  # a manifest copied without its shards
+    shutil.copy(tmp_path / 'run' / 'ckpt_epoch_1.pth', tmp_path / 'copy')
+    with pytest.raises(checkpoints.Corrupt, match=r"names its shards' folder .*shards-1.4, which is missing: copy it "
+                                                  r"beside the checkpoint"):
+        checkpoints.read(str(tmp_path / 'copy' / 'ckpt_epoch_1.pth'))
+
+
+def test_manifests_of_any_size_are_read_and_checkpoint_errors_unwrapped(tmp_path):
+    """A fine-tuning manifest with 10,000 long class names passes 1 MiB: still a manifest (the shards it names are
+    kept); torch.distributed.checkpoint's CheckpointException (a BaseException) comes out as the rank's own error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    big = dict(sharded=dict(folder='shards-1.4', files={}), config=dict(classes=[f'{i:05d}' + 'x' * 240 for i in range(10000)]))
+    torch.save(big, tmp_path / 'checkpoint.pth')
+    assert os.path.getsize(tmp_path / 'checkpoint.pth') > 2 ** 21
+    assert checkpoints.manifest_of(str(tmp_path / 'checkpoint.pth'))['sharded']['folder'] == 'shards-1.4'
+
+    def full_disk():
+        raise CheckpointException('save failed', {0: (OSError(28, 'No space left on device'), None)})
+    with pytest.raises(OSError, match='No space left on device'):
+        checkpoints.unwrapped(full_disk)
+
+
 def test_an_fsdp_checkpoint_fine_tunes_without_fsdp_exports_and_loads(sharded, tmp_path, capsys):
     import timm  # noqa: F401 (the printed command uses it)
     write_classes(tmp_path / 'data' / 'train', 2)
