@@ -28,8 +28,9 @@ stop() {
 }
 trap stop USR1
 
-# one task per node, each with its own SLURM_NODEID; this script runs on node 0
-srun bash -c 'echo $$ > "$PIDS.$SLURM_NODEID"; exec torchrun --nnodes "$SLURM_NNODES" \
+# one task per node, each with its own SLURM_NODEID (this script runs on node 0); a failed
+# node ends the others
+srun --kill-on-bad-exit=1 bash -c 'echo $$ > "$PIDS.$SLURM_NODEID"; exec torchrun --nnodes "$SLURM_NNODES" \
     --node_rank "$SLURM_NODEID" --nproc_per_node "$GPUS" --master_addr "$HEAD" \
     --master_port "$PORT" "$@"' torchrun "$@" &
 pid=$!

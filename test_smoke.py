@@ -1368,7 +1368,7 @@ def test_the_slurm_script_saves_requeues_and_resumes_before_the_time_limit(tmp_p
     the job requeues itself, and the requeued job's same command finishes the run from its checkpoint."""
     import time
     write_images(tmp_path / 'data', 8)
-    stand_ins = {'srun': 'SLURM_NODEID=0 exec "$@"',
+    stand_ins = {'srun': 'while [[ $1 == -* ]]; do shift; done; SLURM_NODEID=0 exec "$@"',
                  'scontrol': 'if [ "$1" = show ]; then echo 127.0.0.1; else echo "$@" >> "$REQUEUED"; fi'}
     for name, body in stand_ins.items():
         (tmp_path / name).write_text(f'#!/bin/bash\n{body}\n')
