@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import urllib.error
 import warnings
 import zlib
@@ -127,7 +128,9 @@ def load_file(path, allow_pickle):
             hub = HUB_ID.fullmatch(path)
             fix = f'hf cache rm model/{hub[1]}' if hub and path not in PUBLISHED else 'delete it'
             raise DownloadError(f"the downloaded '{path}' in {cached} cannot be read "
-                                f"({first_line(e)}): {fix} to download it again") from None
+                                f"({first_line(e).split(';')[0]}): {fix} to download it again; "
+                                f"if it fails again, the published file is not a checkpoint") \
+                from None
     if os.path.isdir(path):
         return load_folder(path, allow_pickle)
     try:
@@ -205,6 +208,9 @@ def exported_preprocessing(saved):
     if isinstance(labels, dict):  # timm's id -> name
         labels = [labels[k] for k in sorted(labels, key=int)]
     intensity = hub.get('intensity', saved.get('intensity'))
+    if cfg.get('interpolation', 'bicubic') != 'bicubic':
+        warnings.warn(f"its preprocessing resizes {cfg['interpolation']}; this code resizes "
+                      f"bicubic (outputs may differ a little)")
     return dict(in_chans=chans, img_size=size, mean=cfg['mean'], std=cfg['std'],
                 crop_pct=cfg.get('crop_pct'), intensity=intensity, classes=labels)
 
@@ -441,6 +447,8 @@ def check_export(folder):
         raise ValueError(f"--export writes a folder (timm's Hugging Face format: config.json and "
                          f"model.safetensors), not a file: name a folder, e.g. "
                          f"{os.path.splitext(folder)[0]}/")
+    if os.path.commonpath([os.getcwd(), os.path.abspath(folder)]) == os.path.abspath(folder):
+        raise ValueError(f"--export '{folder}' holds the current folder: name a new folder")
     if os.path.exists(folder) and not (os.path.isdir(folder) and
                                        set(os.listdir(folder)) <= EXPORTED):
         raise ValueError(f"--export '{folder}' holds other files than an export: name a new "
@@ -468,20 +476,48 @@ def export(model, config, folder):
     extra = dict(label_names=ours.pop('label_names'), intensity=ours.pop('intensity'))
     kept = ('architecture', 'first_conv', 'classifier', 'fixed_input_size')  # not its tag, license
     theirs.pretrained_cfg = dict({k: theirs.pretrained_cfg[k] for k in kept}, **ours)
-    tmp, old = folder.rstrip('/') + '.tmp', folder.rstrip('/') + '.old'
-    for path in (tmp, old):
-        shutil.rmtree(path, ignore_errors=True)
+    write = lambda tmp: save_for_hf(theirs, tmp, model_config=extra, model_args=kw,
+                                    safe_serialization=True)
+    replace_folder(write, folder, keep=('README.md', '.gitattributes'))  # a model card stays
+    return f"timm.create_model('local-dir:{folder}', pretrained=True)"
+
+
+def replace_folder(write, folder, keep=()):
+    """write(tmp) fills a new hidden folder beside folder, which then takes folder's place with
+    the old one's files named in keep: folder is whole, the old or the new, at every moment. Its
+    files readable as the umask says (safetensors writes 0600)."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp = old = None
     try:
-        save_for_hf(theirs, tmp, model_config=extra, model_args=kw, safe_serialization=True)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f'.{name}.', dir=parent)
+        write(tmp)
+        for f in keep:
+            if os.path.isfile(os.path.join(folder, f)):
+                shutil.copy2(os.path.join(folder, f), tmp)
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=f'.{name}.old.', dir=parent)
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old:  # put the old one back
+                os.replace(old, folder)
+                old = None
+            raise
+        tmp = None
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"could not write {folder} ({e.strerror or e}): fix the path or free "
                          f"some space, and rerun") from None
-    shutil.rmtree(old, ignore_errors=True)
-    return f"timm.create_model('local-dir:{folder}', pretrained=True)"
+    finally:
+        for path in (tmp, old):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def load_model(path, allow_pickle=False):
@@ -581,17 +617,20 @@ def hub_failure(error, repo, revision):
     if isinstance(error, errors.RepositoryNotFoundError):
         return (f"no file or folder '{repo}' here, nor a model {repo} at {constants.ENDPOINT} (or "
                 f"it is private or gated: log in with hf auth login, or set HF_TOKEN)")
+    if getattr(getattr(error, 'response', None), 'status_code', None) in (401, 403):
+        return f"{constants.ENDPOINT} refused it: log in with hf auth login, or set HF_TOKEN"
     if isinstance(error, errors.RemoteEntryNotFoundError):
         return f"{repo} holds neither model.safetensors nor pytorch_model.bin"
     if isinstance(error, errors.LocalEntryNotFoundError):
+        cause = error.__cause__ or error.__context__
         why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else \
-            f'{constants.ENDPOINT} cannot be reached'
-        return (f"{why} and Hugging Face's cache ({constants.HF_HUB_CACHE}) does not hold it; "
-                f"run the command once where there is a network (then HF_HUB_OFFLINE=1 reads the "
-                f"cache without asking), or pass a local folder")
+            f"{constants.ENDPOINT} did not answer ({first_line(cause)[:100]})"
+        return (f"no file or folder '{repo}' here; {why}, and Hugging Face's cache "
+                f"({constants.HF_HUB_CACHE}) does not hold it: run the command once where there is "
+                f"a network (then HF_HUB_OFFLINE=1 reads the cache without asking)")
     if isinstance(error, OSError) and not isinstance(error, errors.HfHubHTTPError):
-        return (f"{first_line(error)}: make room in {constants.HF_HUB_CACHE}, or set HF_HOME to "
-                f"another folder")
+        fix = 'make room there' if error.errno == errno.ENOSPC else 'fix its permissions'
+        return f"{first_line(error)}: {fix}, or set HF_HOME to another folder"
     return first_line(error)
 
 

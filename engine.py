@@ -391,8 +391,12 @@ class Run:
                         kept.append(line)
         checkpoints.save_atomic(lambda f: f.write(''.join(kept).encode()), log)
         if self.tensorboard:  # it hides the events of steps past `start` (a killed attempt's)
-            self.board = self.tensorboard(os.path.join(self.output, 'tensorboard'),
-                                          purge_step=start + 1 if resumed else 0)
+            folder = os.path.join(self.output, 'tensorboard')
+            try:
+                self.board = self.tensorboard(folder, purge_step=start + 1 if resumed else 0)
+            except OSError as e:
+                raise ValueError(f"cannot write {folder} ({e.strerror or e}): fix it, or pass "
+                                 f"--tensorboard off") from None
             self.show_pictures()
 
     def check_output(self):
@@ -420,10 +424,14 @@ def summary_writer(choice):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
+    except Exception as e:  # not installed; a broken install (protobuf's versions)
+        why = 'needs the tensorboard package' if isinstance(e, ImportError) else \
+            f'cannot import tensorboard ({str(e).splitlines()[0][:100]})'
         if choice == 'on':
-            raise ValueError("--tensorboard on needs the tensorboard package: pip install "
-                             "tensorboard (or leave the flag out)") from None
+            raise ValueError(f"--tensorboard on {why}: pip install tensorboard (or leave the flag "
+                             f"out)") from None
+        if not isinstance(e, ImportError):
+            warnings.warn(f"TensorBoard {why}: not written (--tensorboard off: no warning)")
         return None
     return SummaryWriter
 

@@ -161,6 +161,8 @@ def check_modes(args):
     modes = [f'--{m}' for m in ('eval', 'predict', 'throughput', 'export') if getattr(args, m)]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(modes)} each run alone: pass one of them")
+    if args.export == '':
+        raise ValueError("--export needs a folder name")
     if args.predict_csv and not args.predict:
         raise ValueError("--predict-csv writes the predictions of --predict IMG ...: pass both")
     if modes and args.resume and args.pretrained:

@@ -16,23 +16,23 @@
 #SBATCH --output=slurm-%j.out
 
 export HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export GPUS=${SLURM_GPUS_ON_NODE:-8} PORT=${PORT:-29500}
+export GPUS=${SLURM_GPUS_ON_NODE:-8} PORT=${PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export PIDS="${TMPDIR:-/tmp}/simmim-$SLURM_JOB_ID"  # each node's torchrun: PIDS.NODE
 
 # USR1, 10 minutes before the time limit: SIGTERM to this node's ranks, not to torchrun (which
-# would kill them 30 s later); all ranks agree at the next log line, save and exit 0
+# would kill them 30 s later); all ranks agree at the next log line, save and exit 0. Then (or
+# if they were still starting, and ended) the job requeues, and resumes from the last checkpoint
 stopping=0
 stop() {
-    stopping=1
-    pkill -TERM -P "$(cat "$PIDS.0")"
+    pkill -TERM -P "$(cat "$PIDS.0" 2>/dev/null)" && stopping=1
 }
 trap stop USR1
 
 # one task per node, each with its own SLURM_NODEID (this script runs on node 0); a failed
 # node ends the others
-srun --kill-on-bad-exit=1 bash -c 'echo $$ > "$PIDS.$SLURM_NODEID"; exec torchrun --nnodes "$SLURM_NNODES" \
-    --node_rank "$SLURM_NODEID" --nproc_per_node "$GPUS" --master_addr "$HEAD" \
-    --master_port "$PORT" "$@"' torchrun "$@" &
+srun --kill-on-bad-exit=1 bash -c 'echo $$ > "$PIDS.$SLURM_NODEID"; exec torchrun \
+    --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$GPUS" \
+    --master_addr "$HEAD" --master_port "$PORT" "$@"' torchrun "$@" &
 pid=$!
 status=0
 wait $pid || status=$?
@@ -40,7 +40,7 @@ while kill -0 $pid 2>/dev/null; do  # the trap ended the wait: torchrun is still
     status=0
     wait $pid || status=$?
 done
-if [ $stopping = 1 ] && [ $status = 0 ]; then
+if [ $stopping = 1 ]; then
     scontrol requeue "$SLURM_JOB_ID"  # pending again; when it runs, it resumes
 fi
 rm -f "$PIDS.0"

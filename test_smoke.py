@@ -777,7 +777,13 @@ def test_pretrain_then_finetune_across_a_window_change(finetuned, capsys):
     assert scalars == log_scalars(log, ckpt['steps_per_epoch']) and len(scalars['val_acc1']) == 4
 
 
-def test_tensorboard_without_its_package_is_one_line(tmp_path, monkeypatch):
+def test_tensorboard_failures_are_one_line(tmp_path, monkeypatch):
+    write_images(tmp_path / 'data', 4)
+    os.makedirs(tmp_path / 'run')
+    (tmp_path / 'run' / 'tensorboard').write_text('a file where its folder goes')
+    with pytest.raises(SystemExit, match=r"cannot write .*run/tensorboard \(File exists\): fix it, or pass "
+                                         r"--tensorboard off"):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
     monkeypatch.setitem(sys.modules, 'tensorboard', None)  # as if not installed
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
     assert engine.summary_writer('auto') is None  # auto: without it
@@ -1021,10 +1027,20 @@ def test_export_from_any_layout_loads_in_timm(tmp_path, capsys):
         with pytest.raises(SystemExit, match='writes a folder|holds other files than an export'):
             finetune.main(finetune.get_args_parser().parse_args([
                 '--pretrained', os.path.join(FIXTURES, 'hf_simmim_swin'), '--export', wrong]))
-    finetune.main(finetune.get_args_parser().parse_args([  # an export's folder: replaced
+    for mine in ('encoder.tmp', 'encoder.old'):  # the user's: left alone
+        os.makedirs(tmp_path / mine)
+        (tmp_path / mine / 'notes.txt').write_text('mine')
+    (tmp_path / 'encoder' / 'README.md').write_text('# model card')
+    finetune.main(finetune.get_args_parser().parse_args([  # an export's folder: replaced, its model card kept
         '--pretrained', os.path.join(FIXTURES, 'hf_simmim_swin'), '--export', folder, '--img-size', '192']))
     assert json.load(open(os.path.join(folder, 'config.json')))['pretrained_cfg']['input_size'] == [3, 192, 192]
-    assert not [f for f in os.listdir(tmp_path) if f != 'encoder']  # no .tmp or .old left
+    assert sorted(os.listdir(tmp_path)) == ['encoder', 'encoder.old', 'encoder.tmp']  # nothing of ours left
+    assert sorted(os.listdir(folder)) == ['README.md', 'config.json', 'model.safetensors']
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(os.path.join(folder, 'model.safetensors')).st_mode & 0o777 == 0o666 & ~mask  # others may read
+    with pytest.raises(SystemExit, match='--export needs a folder name'):
+        finetune.main(finetune.get_args_parser().parse_args(['--pretrained', folder, '--export', '']))
 
 
 def test_continued_pretraining_from_the_official_checkpoint_keeps_the_decoder(tmp_path, capsys):
@@ -2148,7 +2164,7 @@ def hub_environment(**variables):
         importlib.reload(constants)
 
 
-def timm_folder(folder, seed, num_classes=3):
+def timm_folder(folder, seed, num_classes=3, interpolation='bicubic'):
     """What timm's own save_for_hf writes for a tiny timm Swin: mean 0.5, crop 1.0, labels c0, c1, ..."""
     import timm
     from timm.models._hub import save_for_hf
@@ -2156,7 +2172,7 @@ def timm_folder(folder, seed, num_classes=3):
     model = timm.create_model('swin_tiny_patch4_window7_224', num_classes=num_classes, img_size=64, embed_dim=8,
                               depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=2)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 64, 64), mean=(.5,) * 3, std=(.5,) * 3,
-                                crop_pct=1.0)
+                                crop_pct=1.0, interpolation=interpolation)
     save_for_hf(model, folder, model_config=dict(label_names=[f'c{i}' for i in range(num_classes)]),
                 safe_serialization=True)
     return {f: open(os.path.join(folder, f), 'rb').read() for f in os.listdir(folder)}
@@ -2170,13 +2186,14 @@ def hf_hub(tmp_path):
     simmim = {f: open(os.path.join(folder, f), 'rb').read() for f in os.listdir(folder)}
     server = Hub({}, {'org/tiny-simmim': {'main': ('1' * 40, simmim)},
                       'org/tiny-timm': {'main': ('a' * 40, timm_folder(tmp_path / 'main', 0)),
-                                        'v1': ('b' * 40, timm_folder(tmp_path / 'v1', 1))},
+                                        'v1': ('b' * 40, timm_folder(tmp_path / 'v1', 1, interpolation='bilinear'))},
                       'org/no-weights': {'main': ('c' * 40, {'config.json': b'{}'})}})
     with hub_environment(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / 'hf')):
         yield server
     server.close()
 
 
+@pytest.mark.filterwarnings('ignore:its preprocessing resizes bilinear')  # v1's: asserted once below
 def test_a_hugging_face_model_id_downloads_through_huggingface_hub(hf_hub, tmp_path):
     import timm
     image = tmp_path / 'x.png'
@@ -2193,7 +2210,8 @@ def test_a_hugging_face_model_id_downloads_through_huggingface_hub(hf_hub, tmp_p
     assert sorted(r for r in hf_hub.requests if not r.startswith(('HEAD', '/api'))) == \
         ['/org/tiny-timm/resolve/main/config.json', '/org/tiny-timm/resolve/main/model.safetensors']
     assert (main.config['mean'], main.config['crop_pct'], main.config['classes']) == ([.5] * 3, 1.0, ['c0', 'c1', 'c2'])
-    v1 = checkpoints.read('hf-hub:org/tiny-timm@v1')
+    with pytest.warns(UserWarning, match='its preprocessing resizes bilinear; this code resizes bicubic'):
+        v1 = checkpoints.read('hf-hub:org/tiny-timm@v1')
     assert v1.path == 'hf-hub:org/tiny-timm@v1' and not torch.equal(v1.state['head.fc.weight'],
                                                                      main.state['head.fc.weight'])
     theirs = timm.create_model(f"local-dir:{tmp_path / 'v1'}", pretrained=True).eval()
@@ -2215,8 +2233,8 @@ def test_a_hugging_face_model_id_downloads_through_huggingface_hub(hf_hub, tmp_p
     ('org/missing', '0', r"no file or folder 'org/missing' here, nor a model org/missing at http://127.0.0.1:\d+ "
                          r"\(or it is private or gated: log in with hf auth login, or set HF_TOKEN\)"),
     ('org/no-weights', '0', 'org/no-weights holds neither model.safetensors nor pytorch_model.bin'),
-    ('org/tiny-timm', '1', r"HF_HUB_OFFLINE is set and Hugging Face's cache \(.*\) does not hold it; run the command "
-                           r"once where there is a network"),
+    ('org/tiny-timm', '1', r"no file or folder 'org/tiny-timm' here; HF_HUB_OFFLINE is set, and Hugging Face's cache "
+                           r"\(.*\) does not hold it: run the command once where there is a network"),
     ('org/tiny-timm.pth', '0', r"'org/tiny-timm.pth' does not exist, nor is it a published name .* or a Hugging Face "
                                r"model id \(owner/name\)"),
 ])
