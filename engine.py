@@ -183,7 +183,7 @@ def add_run_args(g, output, compile):
                    help="also write log.jsonl's numbers and the pictures for TensorBoard, to "
                         "OUTPUT/tensorboard; auto: where the tensorboard package is installed")
     g.add_argument('--resume', help='checkpoint (default: OUTPUT/checkpoint.pth if any); to use: '
-                                    'also a published name')
+                                    'also a Hugging Face model id or a published name')
     g.add_argument('--accept-changes', action='store_true',
                    help="resume with flags other than the checkpoint's: the schedule from then "
                         "on is the new one")
@@ -425,13 +425,14 @@ def summary_writer(choice):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception as e:  # not installed; a broken install (protobuf's versions)
-        why = 'needs the tensorboard package' if isinstance(e, ImportError) else \
-            f'cannot import tensorboard ({str(e).splitlines()[0][:100]})'
+        missing = isinstance(e, ImportError)
+        why = 'the tensorboard package' if missing else \
+            f'a tensorboard that imports ({str(e).splitlines()[0][:100]})'
         if choice == 'on':
-            raise ValueError(f"--tensorboard on {why}: pip install tensorboard (or leave the flag "
-                             f"out)") from None
-        if not isinstance(e, ImportError):
-            warnings.warn(f"TensorBoard {why}: not written (--tensorboard off: no warning)")
+            raise ValueError(f"--tensorboard on needs {why}: pip install tensorboard (or leave the "
+                             f"flag out)") from None
+        if not missing:
+            warnings.warn(f"no TensorBoard: it needs {why} (--tensorboard off: no warning)")
         return None
     return SummaryWriter
 

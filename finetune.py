@@ -60,7 +60,8 @@ def get_args_parser():
     fraction, probability = engine.number('(0, 1]'), engine.number('[0, 1]')
     g = p.model
     g.add_argument('--pretrained', help='SimMIM pretraining checkpoint to start from: a file, a '
-                                        'Hugging Face folder or a published name (README)')
+                                        'Hugging Face folder or model id (owner/name[@revision]) '
+                                        'or a published name (README)')
     g.add_argument('--num-classes', type=size, help='default: the class folders of DATA/train')
     g.add_argument('--vit-norm', choices=['fc', 'final'],
                    help="ViT's pooled features: 'fc' mean-pools, then a new LayerNorm (the "

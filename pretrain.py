@@ -33,8 +33,9 @@ def get_args_parser():
     p = engine.Parser('SimMIM pretraining', RECIPE, 'output/simmim_pretrain', compile='auto')
     p.model.add_argument('--pretrained',
                          help='continue pretraining from (or --reconstruct with) these weights: a '
-                              'file of any supported layout, a Hugging Face folder or a published '
-                              'name (README); the decoder too if present')
+                              'file of any supported layout, a Hugging Face folder or model id '
+                              '(owner/name[@revision]) or a published name (README); the decoder '
+                              'too if present')
     p.model.add_argument('--norm-target-window', type=engine.number('[0, inf)', int),
                          help="regress pixels normalised over this odd window (SwinV2 configs: "
                               "47); 0 = raw pixels (default: the checkpoint's, else 0)")
@@ -213,7 +214,7 @@ def reconstruct(args, run):
     own size, a mask of --mask-ratio drawn with --seed; 8 images a picture."""
     if not args.pretrained:
         raise ValueError("--reconstruct draws with pretrained weights: pass --pretrained PATH (a "
-                         "checkpoint, a Hugging Face folder or a published name)")
+                         "checkpoint, a Hugging Face folder or model id, or a published name)")
     try:
         files = data.image_files(args.reconstruct)
     except ValueError as e:
