@@ -1450,6 +1450,9 @@ def test_benchmark_script_runs(tmp_path):
     assert re.search(r'\| ours \| off \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \| - \| - \|', steps.stdout)
     pipeline = run('--data', '--images', '48', '--num-workers', '0', '--img-size', '64')
     assert pipeline.returncode == 0 and re.search(r'data pipeline: [1-9]\d* images/s with 0 workers', pipeline.stdout)
+    profile = run('--data', '--profile', '--images', '8', '--img-size', '64')
+    shares = re.findall(r'\| [^|]+ \| \d+\.\d+ \| (\d+)% \|', profile.stdout)
+    assert profile.returncode == 0 and len(shares) == 6 and 97 <= sum(map(int, shares)) <= 103, profile.stdout
 
 
 def test_compiled_training_follows_the_eager_losses(tmp_path):

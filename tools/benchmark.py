@@ -4,6 +4,7 @@
     python tools/benchmark.py --official ../SimMIM --amp bf16 off --rounds 3     # ours and the official, ratios
     python tools/benchmark.py --impls ours ours-compile --amp bf16               # eager against torch.compile
     python tools/benchmark.py --data --num-workers 2                             # decoded, augmented, masked images/s
+    python tools/benchmark.py --data --profile                                   # where one worker's time goes
 
 A training step is forward, backward and the optimizer on fixed random images and SimMIM masks, as each code base runs
 it: ours is engine.py's Trainer.step, the official one main_simmim.py's (see training_step). Its time is the mean of
@@ -62,6 +63,8 @@ def get_args_parser():
     p.add_argument('--data', action='store_true', help='benchmark the data pipeline instead')
     p.add_argument('--num-workers', type=int, default=2, help='data pipeline: loader processes')
     p.add_argument('--images', type=int, default=256, help='data pipeline: generated ImageNet-size JPEGs')
+    p.add_argument('--profile', action='store_true',
+                   help='data pipeline: time each stage in this process (and other JPEG decoders)')
     p.add_argument('--json', default=None, metavar='PATH', help='also write the results here')
     p.add_argument('--child', nargs='+', help=argparse.SUPPRESS)  # measurements impl:amp, in a child process
     return p
@@ -279,6 +282,8 @@ def benchmark_data(args):
     engine.keep_freed_memory()  # as the scripts' runs: the workers inherit it
     with tempfile.TemporaryDirectory(prefix='simmim_data_') as folder:
         write_jpegs(folder, args.images)
+        if args.profile:
+            return profile_data(args, folder)
         rate = data_rate(args, folder)
     print(f"data pipeline: {rate:.0f} images/s with {args.num_workers} workers ({rate / max(args.num_workers, 1):.0f} "
           f"per worker): JPEG decode, RandomResizedCrop to {args.img_size or 192}px, flip, normalise, mask; "
@@ -318,6 +323,53 @@ def data_rate(args, folder):
     for (images, _), _, _ in batches:
         count += len(images)
     return count / (time.perf_counter() - start)
+
+
+def profile_data(args, folder, batch=128):
+    """Milliseconds per image of each stage of the pretraining pipeline, in this process (one
+    loader worker's work), and of other JPEG decoders that a faster pipeline could use; what a
+    GPU pipeline would move off the CPU is the decode and crop rows."""
+    from torchvision.io import decode_jpeg, read_file
+    size = args.img_size or 192
+    config = models.model_config()
+    normalize = data.ToNormalizedTensor(config.mean, config.std)
+    transform = data.PretrainTransform(size, data.MaskGenerator(size, 32, 4, 0.6), normalize)
+    crop, flip = transform.transform.transforms[:2]
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    times = {k: 0. for k in ('decode (PIL, data.load_image)', 'RandomResizedCrop (PIL, bilinear)',
+                             'flip', 'to tensor, normalise', 'mask', f'collate (batch {batch})',
+                             'alt: read + torchvision decode_jpeg (CPU)')}
+    names = list(times)
+    samples = []
+    for path in paths:
+        stages = [lambda: data.load_image(path), crop, flip, normalize]
+        x = None
+        for name, stage in zip(names, stages):
+            t = time.perf_counter()
+            x = stage() if x is None else stage(x)
+            times[name] += time.perf_counter() - t
+        t = time.perf_counter()
+        mask = transform.mask_generator()
+        times[names[4]] += time.perf_counter() - t
+        samples.append((x, mask))
+        t = time.perf_counter()
+        decode_jpeg(read_file(path))
+        times[names[6]] += time.perf_counter() - t
+    reps = max(1, batch // len(samples) + 1)
+    t = time.perf_counter()
+    torch.utils.data.default_collate((samples * reps)[:batch])
+    times[names[5]] = (time.perf_counter() - t) * len(paths) / batch
+    pipeline = sum(times[k] for k in names[:6])
+    print(f"| stage, {size}px from {len(paths)} JPEGs of 500x375 | ms per image | share |")
+    print("| --- | ---: | ---: |")
+    for name in names:
+        share = f"{100 * times[name] / pipeline:.0f}%" if name in names[:6] else '-'
+        print(f"| {name} | {1000 * times[name] / len(paths):.2f} | {share} |")
+    print(f"| one worker, all stages | {1000 * pipeline / len(paths):.2f} | "
+          f"{len(paths) / pipeline:.0f} images/s |")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({k: 1000 * v / len(paths) for k, v in times.items()}, f)
 
 
 if __name__ == '__main__':

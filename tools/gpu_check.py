@@ -15,7 +15,8 @@ Items, each in its own process with a time limit (its log is OUT/<item>.log):
                                 one-process group (NCCL): host waits per step outside the log lines
   benchmark_swin, benchmark_vit benchmark.py: Swin-B 192px and ViT-B 224px, batch 128, bf16 and fp16, ours against the
                                 official model and step, alternated, 2 rounds (needs --official)
-  data                          the loader with 16 workers on ImageNet-size JPEGs against the training step's images/s
+  data                          the loader with 16 workers on ImageNet-size JPEGs against the training step's images/s,
+                                and benchmark.py --data --profile: one worker's milliseconds per stage
   compile_swin, compile_vit     benchmark.py: ours eager against ours under torch.compile (the GPU default), bf16
 
 The first run (H200, 2026-11-28) took 508 s, before pretrain_bf16 compiled; compiling adds an estimated two minutes.
@@ -283,6 +284,9 @@ def data_item(cfg, out):
     if result.returncode:
         return False, f"benchmark.py --data failed (exit {result.returncode})"
     rate = json.load(open(path))['images_per_s']
+    profile = subprocess.run(python('tools/benchmark.py', '--data', '--profile', '--images',  # where it goes
+                                    str(min(cfg['data_images'], 256))), capture_output=True, text=True)
+    print(profile.stdout + profile.stderr[-2000:], flush=True)
     steps = [row for f in glob.glob(os.path.join(out, 'benchmark_*.json')) for row in json.load(open(f))['rows']
              if row['impl'].startswith('ours')]
     need = max((row['images_per_s'] for row in steps), default=None)
