@@ -3,6 +3,7 @@
     python tools/benchmark.py --model swin_base --batch-size 8 --amp bf16 off    # our training step, one row per AMP
     python tools/benchmark.py --official ../SimMIM --amp bf16 off --rounds 3     # ours and the official, ratios
     python tools/benchmark.py --impls ours ours-compile --amp bf16               # eager against torch.compile
+    python tools/benchmark.py --impls ours-compile --compile-mode reduce-overhead # CUDA graphs, or another mode
     python tools/benchmark.py --data --num-workers 2                             # decoded, augmented, masked images/s
     python tools/benchmark.py --data --profile                                   # where one worker's time goes
 
@@ -59,6 +60,9 @@ def get_args_parser():
     p.add_argument('--impls', nargs='+', choices=['ours', 'ours-compile', 'official', 'ours-model'],
                    help='default: ours, and official with --official; ours-compile = ours with torch.compile; '
                         'ours-model = our model in the official step')
+    p.add_argument('--compile-mode', default='default',
+                   choices=['default', 'reduce-overhead', 'max-autotune-no-cudagraphs', 'max-autotune'],
+                   help="ours-compile: torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     p.add_argument('--data', action='store_true', help='benchmark the data pipeline instead')
     p.add_argument('--num-workers', type=int, default=2, help='data pipeline: loader processes')
@@ -113,7 +117,7 @@ def training_step(args, impl, amp, device):
     if not official_model:
         models.use_fused_attention(model, device.type == 'cuda' if args.fused == 'auto' else args.fused == 'on')
     if impl == 'ours-compile':
-        model.compile()
+        model.compile(mode=args.compile_mode)
     size = model.encoder.patch_embed.img_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     patch = model.encoder.patch_embed.patch_size
@@ -247,7 +251,8 @@ def benchmark_steps(args):
     peak = bf16_matmul_peak() if cuda else None
     print(f"{args.model}, {args.img_size or 'default'} px, batch {args.batch_size}, training step (forward, backward, "
           f"optimizer), mean of {args.steps} after {args.warmup} warm-up, {args.rounds} round(s), "
-          f"{results[0]['device']}, our fused attention: {args.fused}; {flops / 1e9:.2f} GFLOPs per image (forward + "
+          f"{results[0]['device']}, our fused attention: {args.fused}, compile mode {args.compile_mode}; "
+          f"{flops / 1e9:.2f} GFLOPs per image (forward + "
           f"backward, counted)" + (f"; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s" if cuda else ''))
     print('| implementation | amp | step s | images/s | peak GB | vs official fp32 | vs official, same amp |'
           + (' MFU | host syncs per step |' if cuda else ''))
