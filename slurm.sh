@@ -29,7 +29,8 @@ stop() {
 trap stop USR1
 
 # one task per node, each with its own SLURM_NODEID (this script runs on node 0), all the node's
-# CPUs for its loader workers (srun does not inherit --cpus-per-task); a failed node ends the others
+# CPUs for its loader workers (SLURM 22.05 stopped passing --cpus-per-task on to srun); a failed
+# node ends the others
 srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
     bash -c 'echo $$ > "$PIDS.$SLURM_NODEID"; exec torchrun \
     --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$GPUS" \
