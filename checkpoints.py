@@ -205,8 +205,9 @@ def exported_preprocessing(saved):
         return {}  # transformers' config.json: its weights say it all
     chans, _, size = cfg['input_size']
     labels = hub.get('label_names') or cfg.get('label_names') or None
-    if isinstance(labels, dict):  # timm's id -> name
-        labels = [labels[k] for k in sorted(labels, key=int)]
+    if isinstance(labels, dict):  # timm's id -> name, maybe with gaps
+        named = {int(k): v for k, v in labels.items()}
+        labels = [named.get(i, f'class {i}') for i in range(max(named) + 1)]
     intensity = hub.get('intensity', saved.get('intensity'))
     if cfg.get('interpolation', 'bicubic') != 'bicubic':
         warnings.warn(f"its preprocessing resizes {cfg['interpolation']}; this code resizes "
@@ -375,8 +376,8 @@ def load_shards(checkpoint, state):
     try:
         unwrapped(dcp.load, state, checkpoint_id=folder)
     except (OSError, AssertionError) as e:  # verified, then gone: another run's save
-        raise ValueError(f"cannot read {folder} ({first_line(e)}); if another run saves into "
-                         f"this folder, give each run its own --output") from None
+        raise Corrupt(f"cannot read {folder} ({first_line(e)}); if another run saves into this "
+                      f"folder, give each run its own --output") from None
 
 
 def gather_weights(folder):
@@ -484,9 +485,10 @@ def export(model, config, folder):
 
 def replace_folder(write, folder, keep=()):
     """write(tmp) fills a new hidden folder beside folder, which then takes folder's place with
-    the old one's files named in keep: folder is whole, the old or the new, at every moment. Its
-    files readable as the umask says (safetensors writes 0600)."""
-    parent, name = os.path.split(os.path.abspath(folder))
+    the old one's files named in keep: folder is whole, the old or the new (absent only between
+    two renames). Its files readable as the umask says (safetensors writes 0600)."""
+    folder = os.path.realpath(folder)  # a link: its target is replaced
+    parent, name = os.path.split(folder)
     mask = os.umask(0)
     os.umask(mask)
     tmp = old = None
@@ -598,7 +600,9 @@ def download_from_hub(repo, revision=None):
             try:
                 weights = get('pytorch_model.bin', local_files_only=local)
             except errors.LocalEntryNotFoundError:
-                raise e from None
+                if local:  # neither cached: the Hub's silence is the reason
+                    raise e from None
+                raise
         try:
             get('config.json', local_files_only=local)
         except errors.EntryNotFoundError:  # weights alone: they show the architecture
@@ -628,7 +632,8 @@ def hub_failure(error, repo, revision):
         return (f"no file or folder '{repo}' here; {why}, and Hugging Face's cache "
                 f"({constants.HF_HUB_CACHE}) does not hold it: run the command once where there is "
                 f"a network (then HF_HUB_OFFLINE=1 reads the cache without asking)")
-    if isinstance(error, OSError) and not isinstance(error, errors.HfHubHTTPError):
+    if isinstance(error, OSError) and error.errno and \
+            not isinstance(error, errors.HfHubHTTPError):  # the cache's disk or folder
         fix = 'make room there' if error.errno == errno.ENOSPC else 'fix its permissions'
         return f"{first_line(error)}: {fix}, or set HF_HOME to another folder"
     return first_line(error)
@@ -641,6 +646,8 @@ def download_published(name, progress):
     url = url if '://' in url else MMPRETRAIN + url
     folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
     path = os.path.join(folder, url.rsplit('/', 1)[1])
+    if os.path.isfile(path):  # a read-only shared cache needs no lock
+        return path
     try:
         os.makedirs(folder, exist_ok=True)
         with filelock.FileLock(path + '.lock'):

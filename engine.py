@@ -472,7 +472,8 @@ def keep_freed_memory():
 
 def end_with_parent():
     """SIGTERM to this process when its parent (torchrun) ends (Linux): a rank still starting
-    stops at once, a training one at its next log line."""
+    stops at once, a training one at its next log line. (One killed in the first seconds, while
+    Python imports, is not reached: its parent's pid is not known to check against.)"""
     try:
         ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux with glibc
@@ -713,6 +714,8 @@ class Trainer:
             else:
                 self.model.load_state_dict(saved['model'])
                 self.optimizer.load_state_dict(saved['optimizer'])
+        except checkpoints.Corrupt:  # its files, not the model
+            raise
         except (RuntimeError, ValueError, KeyError) as e:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:3]
             raise ValueError(f"checkpoint '{path}' does not fit this model and optimizer "

@@ -16,15 +16,17 @@
 #SBATCH --output=slurm-%j.out
 
 export HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export GPUS=${SLURM_GPUS_ON_NODE:-8} PORT=${PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+export GPUS=${SLURM_GPUS_ON_NODE:-8} PORT=${SIMMIM_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export PIDS="${TMPDIR:-/tmp}/simmim-$SLURM_JOB_ID"  # each node's torchrun: PIDS.NODE
 
 # USR1, 10 minutes before the time limit: SIGTERM to this node's ranks, not to torchrun (which
-# would kill them 30 s later); all ranks agree at the next log line, save and exit 0. Then (or
-# if they were still starting, and ended) the job requeues, and resumes from the last checkpoint
-stopping=0
+# would kill them 30 s later); all ranks agree at the next log line, save and exit 0. Then the
+# job requeues itself and, when it runs again, resumes from that checkpoint
+stopping=0 interrupted=0
 stop() {
-    pkill -TERM -P "$(cat "$PIDS.0" 2>/dev/null)" && stopping=1
+    interrupted=1
+    local torchrun=$(cat "$PIDS.0" 2>/dev/null)
+    [ -n "$torchrun" ] && pkill -TERM -P "$torchrun" && stopping=1
 }
 trap stop USR1
 
@@ -38,11 +40,11 @@ srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
 pid=$!
 status=0
 wait $pid || status=$?
-while kill -0 $pid 2>/dev/null; do  # the trap ended the wait: torchrun is still saving
-    status=0
+while [ $interrupted = 1 ]; do  # the trap ended the wait: torchrun is still saving
+    interrupted=0 status=0
     wait $pid || status=$?
 done
-if [ $stopping = 1 ]; then
+if [ $stopping = 1 ] && [ $status = 0 ]; then  # saved and stopped: to be continued
     scontrol requeue "$SLURM_JOB_ID"  # pending again; when it runs, it resumes
 fi
 rm -f "$PIDS.0"

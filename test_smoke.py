@@ -1041,6 +1041,10 @@ def test_export_from_any_layout_loads_in_timm(tmp_path, capsys):
     assert os.stat(os.path.join(folder, 'model.safetensors')).st_mode & 0o777 == 0o666 & ~mask  # others may read
     with pytest.raises(SystemExit, match='--export needs a folder name'):
         finetune.main(finetune.get_args_parser().parse_args(['--pretrained', folder, '--export', '']))
+    os.symlink(folder, tmp_path / 'link')  # a link to an export: its target replaced, the link kept
+    finetune.main(finetune.get_args_parser().parse_args([
+        '--pretrained', os.path.join(FIXTURES, 'hf_simmim_swin'), '--export', str(tmp_path / 'link')]))
+    assert os.path.islink(tmp_path / 'link') and sorted(os.listdir(folder))[1:] == ['config.json', 'model.safetensors']
 
 
 def test_continued_pretraining_from_the_official_checkpoint_keeps_the_decoder(tmp_path, capsys):
@@ -1391,7 +1395,7 @@ def test_the_slurm_script_saves_requeues_and_resumes_before_the_time_limit(tmp_p
         os.chmod(tmp_path / name, 0o755)
     env = dict(os.environ, PATH=f"{tmp_path}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
                SLURM_JOB_NODELIST='node[0]', SLURM_NNODES='1', SLURM_JOB_ID='42', SLURM_GPUS_ON_NODE='2',
-               TMPDIR=str(tmp_path), PORT=str(29500 + (os.getpid() + 700) % 1000), REQUEUED=str(tmp_path / 'requeued'))
+               TMPDIR=str(tmp_path), SIMMIM_PORT=str(29500 + (os.getpid() + 700) % 1000), REQUEUED=str(tmp_path / 'requeued'))
     command = ['bash', 'slurm.sh', 'pretrain.py', '--model', 'vit_small', '--img-size', '32', '--mask-patch-size', '16',
                '--embed-dim', '12', '--depths', '1', '--num-heads', '2', '--data-path', str(tmp_path / 'data'),
                '--batch-size', '1', '--num-workers', '0', '--epochs', '30', '--warmup-epochs', '0', '--output',
