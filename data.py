@@ -2,12 +2,14 @@
 and the loader. Bad input is a ValueError."""
 import atexit
 import contextlib
+import io
 import itertools
 import math
 import os
 import random
 import signal
 import sys
+import typing
 import warnings
 import weakref
 
@@ -16,7 +18,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageOps
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.tif', '.tiff', '.npy')
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # a bad image file's
@@ -83,7 +85,117 @@ class PretrainTransform:
         self.mask_generator = mask_generator
 
     def __call__(self, img):
+        if isinstance(img, EncodedJpeg):  # the same draws; the crop is DeviceDecoder's
+            crop, flip = self.transform.transforms[:2]
+            shape = torch.empty((3, img.size[1], img.size[0]), device='meta')
+            box = crop.get_params(shape, crop.scale, crop.ratio)
+            flipped = bool(torch.rand(1) < flip.p)
+            return JpegCrop(img.data, tuple(box), flipped, img.path), self.mask_generator()
         return self.transform(img), self.mask_generator()
+
+
+class EncodedJpeg(typing.NamedTuple):
+    """An 8-bit RGB JPEG file not yet decoded (read_jpeg's)."""
+    data: torch.Tensor  # the file's bytes, uint8
+    size: tuple  # (width, height)
+    path: str
+
+
+class JpegCrop(typing.NamedTuple):
+    """An encoded JPEG and the crop and flip PretrainTransform drew for it (DeviceDecoder's)."""
+    data: torch.Tensor
+    box: tuple  # (top, left, height, width)
+    flip: bool
+    path: str
+
+    def pin_memory(self):  # the loader's: nvJPEG copies the bytes into its own pinned buffers
+        return self
+
+
+def read_jpeg(path):
+    """-> EncodedJpeg of an 8-bit RGB JPEG that needs no turning (EXIF) and ends whole, from its
+    header alone; None for any other file (load_image's). Grey and CMYK JPEGs are the others."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    if not raw.startswith(b'\xff\xd8') or not raw.endswith(b'\xff\xd9'):
+        return None  # not a JPEG, or one cut short: PIL says which
+    with Image.open(io.BytesIO(raw)) as img:
+        if img.format != 'JPEG' or img.mode != 'RGB' or img.getexif().get(0x0112, 1) != 1:
+            return None
+        size = img.size
+    return EncodedJpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), size, str(path))
+
+
+def collate_crops(samples):
+    """default_collate of pretraining samples, but the images stay a list: JpegCrops for
+    DeviceDecoder and the other images transformed by the workers."""
+    (_, masks), labels, skipped = default_collate([((0, m), y, s) for (_, m), y, s in samples])
+    return ([image for (image, _), _, _ in samples], masks), labels, skipped
+
+
+class DeviceDecoder:
+    """collate_crops' images -> (B, C, H, W) on device, normalised. JpegCrops are decoded there by
+    torchvision (nvJPEG on a GPU, libjpeg-turbo on a CPU, as PIL), cropped, resized (bilinear,
+    antialiased: PIL's filter), rounded to 8 bits, flipped and normalised, so the loader's
+    workers only read the files; the other images come transformed by the workers. A JPEG the
+    decoder refuses is read by PIL, else skipped with a warning and replaced by another image of
+    the batch."""
+
+    def __init__(self, img_size, normalize, device):
+        try:  # deprecated in torchvision 0.29 for TorchCodec's
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError:
+            raise ValueError("--decode device needs torchvision's decode_jpeg, gone from this "
+                             "torchvision: use --decode workers") from None
+        self.size, self.device = [img_size, img_size], torch.device(device)
+        self.decode_jpeg = lambda data: decode_jpeg(data, ImageReadMode.RGB, self.device)
+        std = torch.tensor(normalize.std, device=self.device).view(1, -1, 1, 1)
+        self.scale = 1 / (255 * std)
+        self.shift = -torch.tensor(normalize.mean, device=self.device).view(1, -1, 1, 1) / std
+
+    def __call__(self, images):
+        crops = [i for i, image in enumerate(images) if isinstance(image, JpegCrop)]
+        if not crops:
+            return torch.stack(images).to(self.device, non_blocking=True)
+        decoded = self.decode([images[i] for i in crops])
+        pixels = [None if x is None else self.crop(x, images[i]) for i, x in zip(crops, decoded)]
+        readable = [x for x in pixels if x is not None]
+        if not readable:
+            raise ValueError(f"none of the {len(crops)} JPEGs of a batch could be read (e.g. "
+                             f"{images[crops[0]].path})")
+        pixels = torch.cat([readable[0] if x is None else x for x in pixels]).round_().clamp_(0, 255)
+        pixels = torch.addcmul(self.shift, pixels, self.scale)
+        if len(crops) == len(images):
+            return pixels
+        done = dict(zip(crops, pixels))
+        return torch.stack([done[i] if i in done else image.to(self.device, non_blocking=True)
+                            for i, image in enumerate(images)])
+
+    def decode(self, crops):
+        """-> the JpegCrops' images (3, H, W) uint8 on the device, None for unreadable ones."""
+        try:
+            return self.decode_jpeg([c.data for c in crops])
+        except RuntimeError:  # one of them: which
+            return [self.decode_one(c) for c in crops]
+
+    def decode_one(self, crop):
+        try:
+            return self.decode_jpeg(crop.data)
+        except RuntimeError:
+            pass
+        try:
+            with Image.open(io.BytesIO(crop.data.numpy().tobytes())) as img:
+                pixels = T.functional.pil_to_tensor(img.convert('RGB'))
+            return pixels.to(self.device)
+        except UNREADABLE as e:
+            warnings.warn(f"skipping unreadable image {crop.path}: {e}")
+
+    def crop(self, image, crop):
+        """The crop's box of image, resized and flipped: (1, 3, size, size) float 0-255 pixels."""
+        top, left, height, width = crop.box
+        box = image[None, :, top:top + height, left:left + width].float()
+        box = torch.nn.functional.interpolate(box, self.size, mode='bilinear', antialias=True)
+        return box.flip(-1) if crop.flip else box
 
 
 def eval_transform(img_size, normalize, crop_pct=224 / 256):
@@ -308,10 +420,13 @@ class ImageDataset(Dataset):
     used instead; `skipped` counts them for the training log. An index may come as (index, seed)
     from SeededSampler: the transform then runs under that seed (see seeded), so augmentations
     and masks depend on neither workers nor restarts. classes: the names the labels index (e.g.
-    val/ labelled with train/'s classes)."""
+    val/ labelled with train/'s classes). encoded: 8-bit RGB JPEGs are only read, not decoded
+    (read_jpeg; PretrainTransform draws their crop, DeviceDecoder makes it)."""
 
-    def __init__(self, root, transform, in_chans=3, classes=None, intensity='type'):
+    def __init__(self, root, transform, in_chans=3, classes=None, intensity='type',
+                 encoded=False):
         self.root, self.intensity = root, intensity
+        self.encoded = encoded and in_chans == 3  # JPEGs read, not decoded (DeviceDecoder)
         samples, self.classes = find_images(root)
         files = [p for p, _ in samples if not p.lower().endswith('.npy')]
         if in_chans not in (1, 3) and files:
@@ -354,12 +469,15 @@ class ImageDataset(Dataset):
         path = os.fsdecode(self.paths[start:self.ends[index]].tobytes())
         return path, int(self.labels[index])
 
-    def load(self, index):
-        """-> (image, label, skipped): the image at index, or the next readable one."""
+    def load(self, index, encoded=False):
+        """-> (image, label, skipped): the image at index, or the next readable one; with
+        encoded, an 8-bit RGB JPEG as read_jpeg's EncodedJpeg."""
         for skipped in range(len(self)):
             path, label = self.sample((index + skipped) % len(self))
             try:
-                return load_image(path, self.in_chans, self.intensity), label, skipped
+                jpeg = encoded and not path.lower().endswith('.npy') and read_jpeg(path)
+                image = jpeg or load_image(path, self.in_chans, self.intensity)
+                return image, label, skipped
             except UNREADABLE as e:
                 warnings.warn(f"skipping unreadable image {path}: {e}")
                 last = e
@@ -368,7 +486,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
-        img, label, skipped = self.load(index)
+        img, label, skipped = self.load(index, self.encoded)
         if seed is None:
             return self.transform(img), label, skipped
         with seeded(seed):
@@ -445,7 +563,8 @@ def build_loader(dataset, batch_size, num_workers, seed, world_size=1, rank=0, t
         sampler = range(rank, len(dataset), world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
                         num_workers=num_workers, persistent_workers=num_workers > 0,
-                        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigterm)
+                        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_sigterm,
+                        collate_fn=collate_crops if getattr(dataset, 'encoded', False) else None)
     if num_workers:
         atexit.register(end_workers, weakref.ref(loader))  # runs before multiprocessing's own
     return loader

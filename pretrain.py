@@ -49,6 +49,11 @@ def get_args_parser():
                         help='RandomResizedCrop: smallest crop, a fraction of the area')
     p.data.add_argument('--hflip', type=engine.number('[0, 1]'),
                         help='horizontal flip probability (0 where sides differ: X-rays, text)')
+    p.data.add_argument('--decode', choices=['workers', 'device'], default='workers',
+                        help="where RGB JPEGs are decoded and cropped: by the loader's workers "
+                             "(PIL), or on the training device (nvJPEG on a GPU; the workers "
+                             "only read the files); pixels within 1 of 255 of the workers' on a "
+                             "CPU (README)")
     p.data.add_argument('--stats', action='store_true',
                         help='print the --mean and --std of the data (up to 1000 images spread '
                              'over it) and exit')
@@ -108,7 +113,7 @@ def pretrain(args, run):
     if recipe['data_path'] == DEMO_DATA:
         run.print(f"no --data-path given: pretraining on the bundled demo images in {DEMO_DATA}")
     dataset = data.ImageDataset(recipe['data_path'], transform, config.in_chans,
-                                intensity=config.intensity)
+                                intensity=config.intensity, encoded=args.decode == 'device')
     dataset.load(0)  # at least one readable image, else one clear error now, not in a worker
     loader = data.build_loader(dataset, recipe['batch_size'], args.num_workers, recipe['seed'],
                                run.world_size, run.rank)
@@ -135,9 +140,15 @@ def pretrain(args, run):
         run.picture('reconstruction', drawn, 0)
 
     # the loss: the L1 distance of the reconstructed pixels in the masked squares (models.SimMIM)
+    to_device = data.DeviceDecoder(config.img_size, normalize, run.device) if dataset.encoded \
+        else lambda images: images.to(run.device, non_blocking=True)
+    if args.decode == 'device' and not dataset.encoded:
+        run.print(f"warning: --decode device decodes RGB JPEGs for 3-channel models; these "
+                  f"{config.in_chans}-channel images are decoded by the workers")
+
     def loss_fn(batch):
         (images, masks), _, _ = batch
-        images = images.to(run.device, non_blocking=True)
+        images = to_device(images)
         return trainer.wrapped(images, masks.to(run.device, non_blocking=True))
 
     def end_epoch(epoch, numbered):

@@ -400,6 +400,98 @@ def test_seeded_samples_do_not_depend_on_the_process(tmp_path):
     assert not torch.equal(first[0], first[1])
 
 
+def write_jpegs_of_every_kind(folder):
+    """RGB JPEGs of several sizes, and the files --decode device leaves to the workers: grey, CMYK, EXIF-turned
+    JPEGs and a PNG. -> names of the RGB JPEGs."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    rgb = []
+    for i, (h, w) in enumerate([(120, 160), (150, 110), (97, 131), (200, 90)]):
+        noise = rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)
+        img = Image.fromarray(noise).resize((w, h), Image.BICUBIC)
+        img.save(folder / f'rgb{i}.jpg', quality=90 - 10 * i, subsampling=i % 3)
+        rgb.append(f'rgb{i}.jpg')
+    img.convert('L').save(folder / 'grey.jpg')
+    img.convert('CMYK').save(folder / 'cmyk.jpg')
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(folder / 'turned.jpg', exif=exif)
+    img.save(folder / 'lossless.png')
+    return rgb
+
+
+def decoded_both_ways(folder, decoder=None, seed=0):
+    """The pretraining batch of every image in folder: the workers' (PIL) and --decode device's, the same draws.
+    -> (workers' images, device's images, masks equal, which were JpegCrops), images in 0-255 levels."""
+    transform = data.PretrainTransform(48, data.MaskGenerator(48, 16, 4, 0.6), imagenet())
+    workers, device = (data.ImageDataset(str(folder), transform, encoded=e) for e in (False, True))
+    keys = [(i, seed + i) for i in range(len(workers))]
+    today = [workers[k][0] for k in keys]
+    (images, masks), _, _ = data.collate_crops([device[k] for k in keys])
+    decoded = (decoder or data.DeviceDecoder(48, imagenet(), 'cpu'))(images)
+    levels = lambda x: x * torch.tensor(IMAGENET_DEFAULT_STD).view(-1, 1, 1) * 255
+    crops = [isinstance(image, data.JpegCrop) for image in images]
+    return (levels(torch.stack([x for x, _ in today])), levels(decoded),
+            torch.equal(masks, torch.stack([m for _, m in today])), crops)
+
+
+def test_device_decoding_is_within_one_level_of_the_workers_pixels(tmp_path):
+    rgb = write_jpegs_of_every_kind(tmp_path)
+    today, decoded, masks_equal, crops = decoded_both_ways(tmp_path)
+    names = sorted(os.listdir(tmp_path))
+    assert [n for n, c in zip(names, crops) if c] == rgb and masks_equal  # the rest decoded by the workers
+    gap = (today - decoded).abs()
+    for name, g in zip(names, gap):
+        bound = 1 + 1e-3 if name in rgb else 1e-3  # the others: exactly the workers' (float rounding)
+        assert g.max() <= bound, name
+    share = (gap > 0.5).float().mean().item()
+    assert share < 0.25, share  # measured 13-14%: the rest equal
+    # negative controls: another draw, or the resize without its antialiasing filter, is far outside the bound
+    other = decoded_both_ways(tmp_path, seed=1)[1]
+    assert (today - other).abs().max() > 50
+    plain = torch.nn.functional.interpolate
+    with mock.patch('torch.nn.functional.interpolate', lambda *a, **k: plain(*a, **dict(k, antialias=False))):
+        aliased = decoded_both_ways(tmp_path)[1]
+    assert (today - aliased).abs().max() > 10
+
+
+def test_device_decoding_skips_a_jpeg_no_decoder_reads(tmp_path):
+    write_jpegs_of_every_kind(tmp_path)
+    good = (tmp_path / 'rgb0.jpg').read_bytes()
+    (tmp_path / 'rgb1.jpg').write_bytes(good[:600] + bytes(2000) + good[2600:])  # a whole header, a bad middle
+    (tmp_path / 'rgb2.jpg').write_bytes(good[:len(good) // 2])  # cut short: the workers' PIL skips it, as today
+    with pytest.warns(UserWarning) as warned:
+        _, decoded, _, crops = decoded_both_ways(tmp_path)
+    assert crops == [False, False, False, True, True, True, True, False]  # rgb2: rgb3 instead, as the workers do
+    messages = ' '.join(str(w.message) for w in warned)
+    assert re.search('skipping unreadable image .*rgb1.jpg', messages)
+    assert re.search('skipping unreadable image .*rgb2.jpg', messages)
+    names = sorted(os.listdir(tmp_path))
+    replaced, first = decoded[names.index('rgb1.jpg')], decoded[names.index('rgb0.jpg')]
+    assert torch.equal(replaced, first) or torch.equal(replaced, first.flip(-1))  # the first crop, its own flip
+    decoder = data.DeviceDecoder(48, imagenet(), 'cpu')
+    bad = data.read_jpeg(tmp_path / 'rgb1.jpg')
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of the 2 JPEGs of a batch could be read'):
+        decoder([data.JpegCrop(bad.data, (0, 0, 8, 8), False, bad.path)] * 2)
+
+
+def test_pretraining_with_device_decoding_trains_as_with_the_workers(tmp_path, capsys):
+    write_jpegs_of_every_kind(tmp_path / 'data')
+    sizes, decode = [], data.DeviceDecoder.decode
+    spy = lambda self, crops: sizes.append(len(crops)) or decode(self, crops)
+    one_epoch = ['--epochs', '1', '--warmup-epochs', '0']
+    with mock.patch.object(data.DeviceDecoder, 'decode', spy):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'device', '--decode', 'device', *one_epoch))
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'workers', *one_epoch))
+    assert sum(sizes) == 4  # the RGB JPEGs, each once
+    device, workers = ([r['loss'] for r in read_log(tmp_path / run) if 'step' in r] for run in ('device', 'workers'))
+    assert len(device) == 2 and device == pytest.approx(workers, rel=1e-2)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'grey', '--decode', 'device', '--in-chans', '1',
+                                *one_epoch))
+    assert 'warning: --decode device decodes RGB JPEGs for 3-channel models; these 1-channel images are decoded ' \
+           'by the workers' in capsys.readouterr().out
+
+
 def test_randaugment_posterize_at_the_top_magnitude_turns_the_image_black():
     ops = [op for t in data.finetune_transform(32, imagenet()).transforms for op in getattr(t, 'ops', [])
            if op.name.startswith('Posterize')]
@@ -1452,8 +1544,12 @@ def test_benchmark_script_runs(tmp_path):
                 '--amp', 'off')
     assert steps.returncode == 0, steps.stderr[-2000:]
     assert re.search(r'\| ours \| off \| \d+\.\d+ \| \d+\.\d+ \| \d+\.\d+ \| - \| - \|', steps.stdout)
-    pipeline = run('--data', '--images', '48', '--num-workers', '0', '--img-size', '64')
-    assert pipeline.returncode == 0 and re.search(r'data pipeline: [1-9]\d* images/s with 0 workers', pipeline.stdout)
+    pipeline = run('--data', '--images', '48', '--num-workers', '0', '--img-size', '64', '--decode', 'workers', 'device')
+    assert pipeline.returncode == 0, pipeline.stderr[-2000:]
+    for decode in ('workers', 'device'):
+        assert re.search(rf'data pipeline, --decode {decode}: [1-9]\d* images/s with 0 workers', pipeline.stdout)
+    assert re.search(r'--decode device against workers, same crops, in 0-255 levels: largest 1.00, mean 0.\d+, '
+                     r'\d+.\d% of values differ by over 0.5', pipeline.stdout), pipeline.stdout
     profile = run('--data', '--profile', '--images', '8', '--img-size', '64')
     shares = re.findall(r'\| [^|]+ \| \d+\.\d+ \| (\d+)% \|', profile.stdout)
     assert profile.returncode == 0 and len(shares) == 6 and 97 <= sum(map(int, shares)) <= 103, profile.stdout

@@ -5,6 +5,7 @@
     python tools/benchmark.py --impls ours ours-compile --amp bf16               # eager against torch.compile
     python tools/benchmark.py --impls ours-compile --compile-mode reduce-overhead # CUDA graphs, or another mode
     python tools/benchmark.py --data --num-workers 2                             # decoded, augmented, masked images/s
+    python tools/benchmark.py --data --decode workers device                     # JPEGs decoded on the device too
     python tools/benchmark.py --data --profile                                   # where one worker's time goes
 
 A training step is forward, backward and the optimizer on fixed random images and SimMIM masks, as each code base runs
@@ -67,6 +68,10 @@ def get_args_parser():
     p.add_argument('--data', action='store_true', help='benchmark the data pipeline instead')
     p.add_argument('--num-workers', type=int, default=2, help='data pipeline: loader processes')
     p.add_argument('--images', type=int, default=256, help='data pipeline: generated ImageNet-size JPEGs')
+    p.add_argument('--decode', nargs='+', default=['workers'], choices=['workers', 'device'],
+                   help="data pipeline: pretrain.py's --decode, one row each; device also measures the pixels' "
+                        "difference from the workers'")
+    p.add_argument('--data-batch', type=int, default=16, help='data pipeline: images per batch')
     p.add_argument('--profile', action='store_true',
                    help='data pipeline: time each stage in this process (and other JPEG decoders)')
     p.add_argument('--json', default=None, metavar='PATH', help='also write the results here')
@@ -283,19 +288,29 @@ def benchmark_steps(args):
 
 
 def benchmark_data(args):
-    """Decoded, augmented and masked images/s through the real loader, on generated ImageNet-size JPEGs."""
+    """Decoded, augmented and masked images/s through the real loader onto the device, on generated ImageNet-size
+    JPEGs; for --decode device also how far its pixels are from the workers'."""
     engine.keep_freed_memory()  # as the scripts' runs: the workers inherit it
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    results = dict(num_workers=args.num_workers, images=args.images, batch=args.data_batch, device=str(device))
     with tempfile.TemporaryDirectory(prefix='simmim_data_') as folder:
         write_jpegs(folder, args.images)
         if args.profile:
             return profile_data(args, folder)
-        rate = data_rate(args, folder)
-    print(f"data pipeline: {rate:.0f} images/s with {args.num_workers} workers ({rate / max(args.num_workers, 1):.0f} "
-          f"per worker): JPEG decode, RandomResizedCrop to {args.img_size or 192}px, flip, normalise, mask; "
-          f"{args.images} images of 500x375")
+        for decode in args.decode:
+            rate = data_rate(args, folder, decode, device)
+            results[f'images_per_s_{decode}'] = rate
+            print(f"data pipeline, --decode {decode}: {rate:.0f} images/s with {args.num_workers} workers "
+                  f"({rate / max(args.num_workers, 1):.0f} per worker) onto {device}: JPEG decode, RandomResizedCrop "
+                  f"to {args.img_size or 192}px, flip, normalise, mask; {args.images} images of 500x375, batch "
+                  f"{args.data_batch}", flush=True)
+        if 'device' in args.decode:
+            results['difference'] = decode_difference(args, folder, device)
+            print("--decode device against workers, same crops, in 0-255 levels: largest {max:.2f}, mean {mean:.3f}, "
+                  "{differing:.1%} of values differ by over 0.5".format(**results['difference']))
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(images_per_s=rate, num_workers=args.num_workers, images=args.images), f)
+            json.dump(results, f)
 
 
 def write_jpeg(path_index):
@@ -315,25 +330,54 @@ def write_jpegs(folder, n, classes=()):
         pool.map(write_jpeg, [(p, i) for i, p in enumerate(paths)], chunksize=16)
 
 
-def data_rate(args, folder):
-    """The real loader's images/s over the JPEGs in folder (after its workers have started)."""
+def pipeline(args, folder, decode):
+    """pretrain.py's dataset for --decode decode over folder, and its normalisation."""
     size = args.img_size or 192
-    normalize = data.ToNormalizedTensor(*(lambda c: (c.mean, c.std))(models.model_config()))
+    config = models.model_config()
+    normalize = data.ToNormalizedTensor(config.mean, config.std)
     transform = data.PretrainTransform(size, data.MaskGenerator(size, 32, 4, 0.6), normalize)
-    loader = data.build_loader(data.ImageDataset(folder, transform), 16, args.num_workers, 0)
+    return data.ImageDataset(folder, transform, encoded=decode == 'device'), normalize
+
+
+def data_rate(args, folder, decode, device):
+    """The real loader's images/s over the JPEGs in folder onto device (after its workers have started), as
+    pretrain.py's loss_fn takes them."""
+    dataset, normalize = pipeline(args, folder, decode)
+    loader = data.build_loader(dataset, args.data_batch, args.num_workers, 0)
+    to_device = data.DeviceDecoder(args.img_size or 192, normalize, device) if dataset.encoded \
+        else lambda images: images.to(device, non_blocking=True)
     loader.sampler.set_epoch(0)
     batches = iter(loader)
-    next(batches)  # workers started
+    to_device(next(batches)[0][0])  # workers started, the decoder made
+    synchronize(device)
     start, count = time.perf_counter(), 0
     for (images, _), _, _ in batches:
-        count += len(images)
+        count += len(to_device(images))
+    synchronize(device)
     return count / (time.perf_counter() - start)
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def decode_difference(args, folder, device, n=128):
+    """--decode device's pixels against the workers' (PIL's) for the same draws (crop, flip, mask) of up to n images:
+    -> dict(max, mean, differing) in 0-255 levels, differing the share of values over 0.5 apart."""
+    (workers, normalize), (encoded, _) = pipeline(args, folder, 'workers'), pipeline(args, folder, 'device')
+    keys = [(i, i) for i in range(min(n, len(workers)))]
+    today = torch.stack([workers[k][0][0] for k in keys])
+    images = data.collate_crops([encoded[k] for k in keys])[0][0]
+    decoded = data.DeviceDecoder(args.img_size or 192, normalize, device)(images).cpu()
+    gap = (today - decoded).abs() * torch.tensor(normalize.std).view(1, -1, 1, 1) * 255
+    return dict(max=gap.max().item(), mean=gap.mean().item(), differing=(gap > 0.5).float().mean().item())
 
 
 def profile_data(args, folder, batch=128):
     """Milliseconds per image of each stage of the pretraining pipeline, in this process (one
     loader worker's work), and of other JPEG decoders that a faster pipeline could use; what a
-    GPU pipeline would move off the CPU is the decode and crop rows."""
+    GPU pipeline moves off the CPU is the decode and crop rows (--decode device: the last row is its worker's)."""
     from torchvision.io import decode_jpeg, read_file
     size = args.img_size or 192
     config = models.model_config()
@@ -343,7 +387,8 @@ def profile_data(args, folder, batch=128):
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     times = {k: 0. for k in ('decode (PIL, data.load_image)', 'RandomResizedCrop (PIL, bilinear)',
                              'flip', 'to tensor, normalise', 'mask', f'collate (batch {batch})',
-                             'alt: read + torchvision decode_jpeg (CPU)')}
+                             'alt: read + torchvision decode_jpeg (CPU)',
+                             "alt: --decode device's worker (read, header, draws, mask)")}
     names = list(times)
     samples = []
     for path in paths:
@@ -360,18 +405,20 @@ def profile_data(args, folder, batch=128):
         t = time.perf_counter()
         decode_jpeg(read_file(path))
         times[names[6]] += time.perf_counter() - t
+        t = time.perf_counter()
+        transform(data.read_jpeg(path))
+        times[names[7]] += time.perf_counter() - t
     reps = max(1, batch // len(samples) + 1)
     t = time.perf_counter()
     torch.utils.data.default_collate((samples * reps)[:batch])
     times[names[5]] = (time.perf_counter() - t) * len(paths) / batch
-    pipeline = sum(times[k] for k in names[:6])
+    total = sum(times[k] for k in names[:6])
     print(f"| stage, {size}px from {len(paths)} JPEGs of 500x375 | ms per image | share |")
     print("| --- | ---: | ---: |")
     for name in names:
-        share = f"{100 * times[name] / pipeline:.0f}%" if name in names[:6] else '-'
+        share = f"{100 * times[name] / total:.0f}%" if name in names[:6] else '-'
         print(f"| {name} | {1000 * times[name] / len(paths):.2f} | {share} |")
-    print(f"| one worker, all stages | {1000 * pipeline / len(paths):.2f} | "
-          f"{len(paths) / pipeline:.0f} images/s |")
+    print(f"| one worker, all stages | {1000 * total / len(paths):.2f} | {len(paths) / total:.0f} images/s |")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({k: 1000 * v / len(paths) for k, v in times.items()}, f)

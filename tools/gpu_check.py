@@ -6,8 +6,9 @@
 Items, each in its own process with a time limit (its log is OUT/<item>.log):
   pretrain_bf16, pretrain_fp16  torchrun pretrain.py --model swin_base on generated ImageNet-size JPEGs, SIGTERM to the
                                 whole process group mid-epoch (as schedulers send it), the same command again: resumed
-                                mid-epoch and finished, losses finite and falling. bf16 runs the GPU default
-                                (torch.compile), fp16 the eager fallback (--compile off)
+                                mid-epoch and finished, losses finite and falling, exit within 10 s of the last
+                                checkpoint. bf16 runs the GPU default (torch.compile), fp16 the eager fallback
+                                (--compile off) with --decode device
   finetune                      finetune.py from that checkpoint, then --eval and --predict with the result
   attention                     our fused attention against the explicit one, forward and gradients, fp32 and bf16,
                                 Swin, SwinV2 and ViT
@@ -15,7 +16,8 @@ Items, each in its own process with a time limit (its log is OUT/<item>.log):
                                 one-process group (NCCL): host waits per step outside the log lines
   benchmark_swin, benchmark_vit benchmark.py: Swin-B 192px and ViT-B 224px, batch 128, bf16 and fp16, ours against the
                                 official model and step, alternated, 2 rounds (needs --official)
-  data                          the loader with 16 workers on ImageNet-size JPEGs against the training step's images/s,
+  data                          the loader with 16 workers on ImageNet-size JPEGs onto the GPU, --decode workers and
+                                device, against the training step's images/s, device's pixels against the workers';
                                 and benchmark.py --data --profile: one worker's milliseconds per stage
   compile_swin, compile_vit     benchmark.py: ours eager against ours under torch.compile (the GPU default), bf16
 
@@ -40,7 +42,7 @@ sys.path[:0] = [ROOT, HERE]  # the scripts, and benchmark.py beside this file
 ITEMS = ('pretrain_bf16', 'pretrain_fp16', 'finetune', 'attention', 'host_syncs', 'benchmark_swin', 'benchmark_vit',
          'data', 'compile_swin', 'compile_vit')
 LIMITS = dict(pretrain_bf16=220, pretrain_fp16=80, finetune=60, attention=40, host_syncs=45, benchmark_swin=100,
-              benchmark_vit=100, data=30, compile_swin=180, compile_vit=120)  # seconds on an H100 / H200
+              benchmark_vit=100, data=60, compile_swin=180, compile_vit=120)  # seconds on an H100 / H200
 
 
 def get_args_parser():
@@ -91,7 +93,7 @@ def pretrain_item(cfg, out, amp):
     cmd = torchrun('pretrain.py', *cfg['arch'], '--data-path', os.path.join(out, 'images'), '--batch-size',
                    str(cfg['batch']), '--num-workers', str(cfg['workers']), '--epochs', str(cfg['epochs']),
                    '--warmup-epochs', '1', '--print-freq', '5', '--amp', amp, '--output', output, *cfg['lr'],
-                   *(['--compile', 'off'] if amp == 'fp16' else []), *cfg['device'])
+                   *(['--compile', 'off', '--decode', 'device'] if amp == 'fp16' else []), *cfg['device'])
     print(' '.join(cmd), flush=True)
     steps = cfg['images'] // cfg['batch']
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -106,6 +108,7 @@ def pretrain_item(cfg, out, amp):
     stopped = re.search(r'SIGTERM: stopped after (step (\d+) of epoch 1|epoch 1);', ''.join(first))
     expected = None if not stopped else f'at epoch 1 step {stopped.group(2)}' if stopped.group(2) else 'at epoch 2'
     resumed = subprocess.run(cmd, capture_output=True, text=True)
+    exit_gap = time.time() - os.path.getmtime(os.path.join(output, 'checkpoint.pth'))  # torchrun's exit
     print(resumed.stdout + resumed.stderr[-3000:], flush=True)
     at = re.search(r'resumed from \S+ (at epoch \d+(?: step \d+)?)', resumed.stdout)
     log = read_log(output)
@@ -117,9 +120,11 @@ def pretrain_item(cfg, out, amp):
     data_share = sum(r['data_s'] for r in last) / sum(cfg['batch'] / r['images_per_s'] for r in last)
     ok = (stopped is not None and at is not None and at.group(1) == expected and resumed.returncode == 0
           and 'done:' in resumed.stdout and all(map(math.isfinite, losses)) and len(epochs) == cfg['epochs']
-          and epochs[-1] < epochs[0] and os.path.exists(os.path.join(output, 'reconstruction_end.png')))
+          and epochs[-1] < epochs[0] and os.path.exists(os.path.join(output, 'reconstruction_end.png'))
+          and exit_gap <= 10)
     return ok, (f"SIGTERM at epoch 1 step 5, stopped after {stopped.group(1) if stopped else '?'}, resumed "
-                f"{at.group(1) if at else '?'} (of {steps} steps per epoch), finished (exit {resumed.returncode}); "
+                f"{at.group(1) if at else '?'} (of {steps} steps per epoch), finished (exit {resumed.returncode} "
+                f"{exit_gap:.1f} s after the last checkpoint, at most 10); "
                 f"epoch losses "
                 f"{' '.join(map('{:.4f}'.format, epochs))}; "
                 f"{images_per_s:.0f} images/s, data wait {data_share:.1%} of the step, peak "
@@ -278,21 +283,34 @@ def benchmark_item(cfg, out, model, official, impls, amps, rounds, tag):
 
 def data_item(cfg, out):
     path = os.path.join(out, 'data.json')
-    result = subprocess.run(python('tools/benchmark.py', '--data', '--num-workers', str(cfg['workers']), '--images',
-                                   str(cfg['data_images']), '--json', path), capture_output=True, text=True)
+    result = subprocess.run(python('tools/benchmark.py', '--data', '--decode', 'workers', 'device', '--num-workers',
+                                   str(cfg['workers']), '--images', str(cfg['data_images']), '--data-batch',
+                                   str(cfg['batch']), '--json', path, *cfg['device']), capture_output=True, text=True)
     print(result.stdout + result.stderr[-3000:], flush=True)
     if result.returncode:
         return False, f"benchmark.py --data failed (exit {result.returncode})"
-    rate = json.load(open(path))['images_per_s']
     profile = subprocess.run(python('tools/benchmark.py', '--data', '--profile', '--images',  # where it goes
                                     str(min(cfg['data_images'], 256))), capture_output=True, text=True)
     print(profile.stdout + profile.stderr[-2000:], flush=True)
-    steps = [row for f in glob.glob(os.path.join(out, 'benchmark_*.json')) for row in json.load(open(f))['rows']
-             if row['impl'].startswith('ours')]
-    need = max((row['images_per_s'] for row in steps), default=None)
-    return True, (f"{rate:.0f} images/s with {cfg['workers']} workers ({rate / cfg['workers']:.0f} per worker)"
-                  + (f"; the fastest training step measured (ours, benchmark items) takes {need:.0f} images/s: the "
-                     f"loader gives {rate / need:.2f}x that" if need else ''))
+    return True, pipeline_summary(cfg, out)
+
+
+def pipeline_summary(cfg, out):
+    """The loader's images/s (data.json) for each --decode, against the fastest training step measured so far (ours,
+    benchmark and compile items), and --decode device's pixel difference."""
+    found = json.load(open(os.path.join(out, 'data.json')))
+    steps = [row for f in glob.glob(os.path.join(out, '*.json')) if re.search(r'(benchmark|compile)_\w+\.json$', f)
+             for row in json.load(open(f))['rows'] if row['impl'].startswith('ours')]
+    need = max(steps, key=lambda row: row['images_per_s'], default=None)
+    rates = []
+    for decode in ('workers', 'device'):
+        rate = found[f'images_per_s_{decode}']
+        rates.append(f"--decode {decode} {rate:.0f} images/s" + (f" ({rate / need['images_per_s']:.2f}x the step)"
+                                                                  if need else ''))
+    step = f"{need['images_per_s']:.0f} images/s of {need['impl']} {need['amp']}" if need else 'not measured'
+    gap = found['difference']
+    return (f"{', '.join(rates)} with {cfg['workers']} workers, batch {cfg['batch']}; the fastest step {step}; "
+            f"device pixels vs workers': largest {gap['max']:.2f} of 255, {gap['differing']:.1%} differ")
 
 
 def run_item(name, cfg, args):
@@ -382,6 +400,8 @@ def main(args):
         print(f"{'PASS' if ok else 'FAIL'} {name} ({time.time() - t:.0f} s): {summary}", flush=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump(results, f, indent=1)
+    if results.get('data', {}).get('ok'):  # against the compiled steps measured after it too
+        print(f"data, against every step measured: {pipeline_summary(cfg, args.out)}")
     print(f"{sum(r['ok'] for r in results.values())} passed, {sum(not r['ok'] for r in results.values())} failed "
           f"in {time.time() - started:.0f} s")
 
