@@ -20,6 +20,7 @@ Items, each in its own process with a time limit (its log is OUT/<item>.log):
                                 device, against the training step's images/s, device's pixels against the workers';
                                 and benchmark.py --data --profile: one worker's milliseconds per stage
   compile_swin, compile_vit     benchmark.py: ours eager against ours under torch.compile (the GPU default), bf16
+  levers (only with --items)    Swin-B compiled with CUDA graphs (--compile-mode reduce-overhead), and at batch 256
 
 The first run (H200, 2026-11-28) took 508 s, before pretrain_bf16 compiled; compiling adds an estimated two minutes.
 --budget ends the run in time: items past it are reported as not run, and --items runs them.
@@ -41,15 +42,16 @@ sys.path[:0] = [ROOT, HERE]  # the scripts, and benchmark.py beside this file
 
 ITEMS = ('pretrain_bf16', 'pretrain_fp16', 'finetune', 'attention', 'host_syncs', 'benchmark_swin', 'benchmark_vit',
          'data', 'compile_swin', 'compile_vit')
+OPTIONAL = ('levers',)  # run only when named in --items
 LIMITS = dict(pretrain_bf16=220, pretrain_fp16=80, finetune=60, attention=40, host_syncs=45, benchmark_swin=100,
-              benchmark_vit=100, data=60, compile_swin=180, compile_vit=120)  # seconds on an H100 / H200
+              benchmark_vit=100, data=60, compile_swin=180, compile_vit=120, levers=240)  # seconds on an H100 / H200
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='gpu_check_out', help='folder for the logs, data and checkpoints')
     p.add_argument('--official', default=None, help='a microsoft/SimMIM checkout (the benchmark item needs it)')
-    p.add_argument('--items', nargs='+', default=list(ITEMS), choices=ITEMS)
+    p.add_argument('--items', nargs='+', default=list(ITEMS), choices=ITEMS + OPTIONAL)
     p.add_argument('--budget', type=float, default=560, help='seconds for all items: each gets what is left')
     p.add_argument('--smoke', action='store_true', help='tiny models and data on the CPU: checks this script itself')
     p.add_argument('--item', default=None, help=argparse.SUPPRESS)  # run one item in this process
@@ -256,11 +258,12 @@ def host_syncs_item(cfg, out):
                          for label, n, per_step in results)
 
 
-def benchmark_item(cfg, out, model, official, impls, amps, rounds, tag):
+def benchmark_item(cfg, out, model, official, impls, amps, rounds, tag, batch=None, mode='default'):
     rows = []
     for name, extra in [model]:
         path = os.path.join(out, f'{tag}_{name}.json')
-        cmd = python('tools/benchmark.py', '--model', name, *extra, '--batch-size', str(cfg['bench_batch']), '--amp',
+        cmd = python('tools/benchmark.py', '--model', name, *extra, '--batch-size', str(batch or cfg['bench_batch']),
+                     '--compile-mode', mode, '--amp',
                      *amps, '--impls', *impls, '--rounds', str(rounds), '--steps', str(cfg['bench_steps']),
                      '--warmup', '5' if tag == 'benchmark' else '8', '--json', path, *cfg['device'],
                      *(['--official', official] if official else []))
@@ -299,8 +302,8 @@ def pipeline_summary(cfg, out):
     """The loader's images/s (data.json) for each --decode, against the fastest training step measured so far (ours,
     benchmark and compile items), and --decode device's pixel difference."""
     found = json.load(open(os.path.join(out, 'data.json')))
-    steps = [row for f in glob.glob(os.path.join(out, '*.json')) if re.search(r'(benchmark|compile)_\w+\.json$', f)
-             for row in json.load(open(f))['rows'] if row['impl'].startswith('ours')]
+    benchmarks = [f for f in glob.glob(os.path.join(out, '*.json')) if re.search(r'(benchmark|compile|levers)_', f)]
+    steps = [row for f in benchmarks for row in json.load(open(f))['rows'] if row['impl'].startswith('ours')]
     need = max(steps, key=lambda row: row['images_per_s'], default=None)
     rates = []
     for decode in ('workers', 'device'):
@@ -333,6 +336,12 @@ def run_item(name, cfg, args):
     if name.startswith('compile_'):
         return benchmark_item(cfg, out, cfg[name.split('_')[1]], None, ['ours', 'ours-compile'], ['bf16'], 1,
                               'compile')
+    if name == 'levers':  # CUDA graphs at batch 128, the default mode at twice the batch
+        graphs = benchmark_item(cfg, out, cfg['swin'], None, ['ours-compile'], ['bf16'], 1, 'levers_graphs',
+                                mode='reduce-overhead')
+        larger = benchmark_item(cfg, out, cfg['swin'], None, ['ours-compile'], ['bf16'], 1, 'levers_batch',
+                                batch=2 * cfg['bench_batch'])
+        return graphs[0] and larger[0], f"reduce-overhead: {graphs[1]}; batch x2: {larger[1]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
