@@ -103,10 +103,19 @@ class EncodedJpeg(typing.NamedTuple):
 
 class JpegCrop(typing.NamedTuple):
     """An encoded JPEG and the crop and flip PretrainTransform drew for it (DeviceDecoder's)."""
-    data: torch.Tensor
+    data: torch.Tensor  # None in a JpegBatch, which holds the bytes
     box: tuple  # (top, left, height, width)
     flip: bool
     path: str
+
+
+class JpegBatch(typing.NamedTuple):
+    """collate_crops' images: the JPEG files of the batch end to end in one tensor (one block of
+    shared memory from a loader worker, not one per file: the open files' limit), and the images
+    in batch order, JpegCrops (the n-th's bytes: files[ends[n - 1]:ends[n]]) or tensors."""
+    files: torch.Tensor
+    ends: list
+    images: list
 
     def pin_memory(self):  # the loader's: nvJPEG copies the bytes into its own pinned buffers
         return self
@@ -127,19 +136,24 @@ def read_jpeg(path):
 
 
 def collate_crops(samples):
-    """default_collate of pretraining samples, but the images stay a list: JpegCrops for
+    """default_collate of pretraining samples, but the images become a JpegBatch: JpegCrops for
     DeviceDecoder and the other images transformed by the workers."""
     (_, masks), labels, skipped = default_collate([((0, m), y, s) for (_, m), y, s in samples])
-    return ([image for (image, _), _, _ in samples], masks), labels, skipped
+    images = [image for (image, _), _, _ in samples]
+    files = [image.data for image in images if isinstance(image, JpegCrop)]
+    ends = np.cumsum([len(f) for f in files]).tolist()
+    images = [i._replace(data=None) if isinstance(i, JpegCrop) else i for i in images]
+    files = torch.cat(files) if files else torch.empty(0, dtype=torch.uint8)
+    return (JpegBatch(files, ends, images), masks), labels, skipped
 
 
 class DeviceDecoder:
-    """collate_crops' images -> (B, C, H, W) on device, normalised. JpegCrops are decoded there by
-    torchvision (nvJPEG on a GPU, libjpeg-turbo on a CPU, as PIL), cropped, resized (bilinear,
-    antialiased: PIL's filter), rounded to 8 bits, flipped and normalised, so the loader's
-    workers only read the files; the other images come transformed by the workers. A JPEG the
-    decoder refuses is read by PIL, else skipped with a warning and replaced by another image of
-    the batch."""
+    """A JpegBatch (collate_crops') -> (B, C, H, W) on device, normalised. Its JpegCrops are
+    decoded there by torchvision (nvJPEG on a GPU, libjpeg-turbo on a CPU, as PIL), cropped,
+    resized (bilinear, antialiased: PIL's filter), rounded to 8 bits, flipped and normalised, so
+    the loader's workers only read the files; the other images come transformed by the workers.
+    A JPEG the decoder refuses is read by PIL, else skipped with a warning and replaced by another
+    crop of the batch."""
 
     def __init__(self, img_size, normalize, device):
         try:  # deprecated in torchvision 0.29 for TorchCodec's
@@ -153,18 +167,20 @@ class DeviceDecoder:
         self.scale = 1 / (255 * std)
         self.shift = -torch.tensor(normalize.mean, device=self.device).view(1, -1, 1, 1) / std
 
-    def __call__(self, images):
+    def __call__(self, batch):
+        images = batch.images
         crops = [i for i, image in enumerate(images) if isinstance(image, JpegCrop)]
         if not crops:
             return torch.stack(images).to(self.device, non_blocking=True)
-        decoded = self.decode([images[i] for i in crops])
+        files = torch.tensor_split(batch.files, batch.ends[:-1])
+        decoded = self.decode([images[i]._replace(data=f) for i, f in zip(crops, files)])
         pixels = [None if x is None else self.crop(x, images[i]) for i, x in zip(crops, decoded)]
         readable = [x for x in pixels if x is not None]
         if not readable:
             raise ValueError(f"none of the {len(crops)} JPEGs of a batch could be read (e.g. "
                              f"{images[crops[0]].path})")
-        pixels = torch.cat([readable[0] if x is None else x for x in pixels]).round_().clamp_(0, 255)
-        pixels = torch.addcmul(self.shift, pixels, self.scale)
+        pixels = torch.cat([readable[0] if x is None else x for x in pixels])
+        pixels = torch.addcmul(self.shift, pixels.round_().clamp_(0, 255), self.scale)
         if len(crops) == len(images):
             return pixels
         done = dict(zip(crops, pixels))

@@ -430,7 +430,7 @@ def decoded_both_ways(folder, decoder=None, seed=0):
     (images, masks), _, _ = data.collate_crops([device[k] for k in keys])
     decoded = (decoder or data.DeviceDecoder(48, imagenet(), 'cpu'))(images)
     levels = lambda x: x * torch.tensor(IMAGENET_DEFAULT_STD).view(-1, 1, 1) * 255
-    crops = [isinstance(image, data.JpegCrop) for image in images]
+    crops = [isinstance(image, data.JpegCrop) for image in images.images]
     return (levels(torch.stack([x for x, _ in today])), levels(decoded),
             torch.equal(masks, torch.stack([m for _, m in today])), crops)
 
@@ -471,8 +471,26 @@ def test_device_decoding_skips_a_jpeg_no_decoder_reads(tmp_path):
     assert torch.equal(replaced, first) or torch.equal(replaced, first.flip(-1))  # the first crop, its own flip
     decoder = data.DeviceDecoder(48, imagenet(), 'cpu')
     bad = data.read_jpeg(tmp_path / 'rgb1.jpg')
+    batch = data.collate_crops([((data.JpegCrop(bad.data, (0, 0, 8, 8), False, bad.path), torch.zeros(1)), 0, 0)] * 2)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of the 2 JPEGs of a batch could be read'):
-        decoder([data.JpegCrop(bad.data, (0, 0, 8, 8), False, bad.path)] * 2)
+        decoder(batch[0][0])
+
+
+def test_device_decoding_batches_fit_a_low_open_files_limit(tmp_path):
+    # each tensor a loader worker sends is a file descriptor in the training process: a batch sends its JPEGs as one
+    # tensor (one JPEG a tensor failed here with 'Too many open files' at a batch of 300 under a limit of 256)
+    for i in range(600):
+        Image.fromarray(np.full((20, 24, 3), i % 256, np.uint8)).save(tmp_path / f'{i}.jpg')
+    script = f"""if True:
+        import resource, data
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        normalize = data.ToNormalizedTensor([.5] * 3, [.2] * 3)
+        transform = data.PretrainTransform(16, data.MaskGenerator(16, 8, 4, 0.5), normalize)
+        loader = data.build_loader(data.ImageDataset({str(tmp_path)!r}, transform, encoded=True), 300, 2, 0)
+        loader.sampler.set_epoch(0)
+        print(sum(sum(map(bool, images.ends)) for (images, _), _, _ in loader))"""
+    done = subprocess.run([sys.executable, '-c', script], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ['600'], done.stderr[-2000:]
 
 
 def test_pretraining_with_device_decoding_trains_as_with_the_workers(tmp_path, capsys):
