@@ -90,7 +90,8 @@ class PretrainTransform:
             shape = torch.empty((3, img.size[1], img.size[0]), device='meta')
             box = crop.get_params(shape, crop.scale, crop.ratio)
             flipped = bool(torch.rand(1) < flip.p)
-            return JpegCrop(img.data, tuple(box), flipped, img.path), self.mask_generator()
+            crop = JpegCrop(img.data, tuple(box), flipped, img.path, img.size[::-1])
+            return crop, self.mask_generator()
         return self.transform(img), self.mask_generator()
 
 
@@ -107,6 +108,7 @@ class JpegCrop(typing.NamedTuple):
     box: tuple  # (top, left, height, width)
     flip: bool
     path: str
+    shape: tuple  # (height, width) by its header
 
 
 class JpegBatch(typing.NamedTuple):
@@ -188,21 +190,25 @@ class DeviceDecoder:
                             for i, image in enumerate(images)])
 
     def decode(self, crops):
-        """-> the JpegCrops' images (3, H, W) uint8 on the device, None for unreadable ones."""
+        """-> the JpegCrops' images (3, H, W) uint8 on the device, None for unreadable ones. One
+        the decoder refuses, or decodes to another size than its header's (damaged), PIL reads."""
         try:
-            return self.decode_jpeg([c.data for c in crops])
+            images = self.decode_jpeg([c.data for c in crops])
         except RuntimeError:  # one of them: which
-            return [self.decode_one(c) for c in crops]
+            images = []
+            for c in crops:
+                try:
+                    images.append(self.decode_jpeg(c.data))
+                except RuntimeError:
+                    images.append(None)
+        return [x if x is not None and tuple(x.shape[1:]) == c.shape else self.read(c)
+                for x, c in zip(images, crops)]
 
-    def decode_one(self, crop):
-        try:
-            return self.decode_jpeg(crop.data)
-        except RuntimeError:
-            pass
+    def read(self, crop):
+        """The JpegCrop's image read by PIL (the workers' decoder), or None with a warning."""
         try:
             with Image.open(io.BytesIO(crop.data.numpy().tobytes())) as img:
-                pixels = T.functional.pil_to_tensor(img.convert('RGB'))
-            return pixels.to(self.device)
+                return T.functional.pil_to_tensor(img.convert('RGB')).to(self.device)
         except UNREADABLE as e:
             warnings.warn(f"skipping unreadable image {crop.path}: {e}")
 

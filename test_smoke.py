@@ -471,9 +471,19 @@ def test_device_decoding_skips_a_jpeg_no_decoder_reads(tmp_path):
     assert torch.equal(replaced, first) or torch.equal(replaced, first.flip(-1))  # the first crop, its own flip
     decoder = data.DeviceDecoder(48, imagenet(), 'cpu')
     bad = data.read_jpeg(tmp_path / 'rgb1.jpg')
-    batch = data.collate_crops([((data.JpegCrop(bad.data, (0, 0, 8, 8), False, bad.path), torch.zeros(1)), 0, 0)] * 2)
+    crop = data.JpegCrop(bad.data, (0, 0, 8, 8), False, bad.path, bad.size[::-1])
+    batch = data.collate_crops([((crop, torch.zeros(1)), 0, 0)] * 2)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of the 2 JPEGs of a batch could be read'):
         decoder(batch[0][0])
+
+
+def test_device_decoding_rereads_an_image_decoded_to_another_size_than_its_header(tmp_path):
+    write_jpegs_of_every_kind(tmp_path)
+    right = decoded_both_ways(tmp_path)[1]
+    decoder = data.DeviceDecoder(48, imagenet(), 'cpu')
+    decode = decoder.decode_jpeg
+    decoder.decode_jpeg = lambda files: [x[:, :50, :60] for x in decode(files)]  # as a damaged file might decode
+    assert torch.equal(decoded_both_ways(tmp_path, decoder)[1], right)  # PIL's pixels: the same on a CPU
 
 
 def test_device_decoding_batches_fit_a_low_open_files_limit(tmp_path):
