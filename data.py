@@ -165,6 +165,13 @@ class DeviceDecoder:
                              "torchvision: use --decode workers") from None
         self.size, self.device = [img_size, img_size], torch.device(device)
         self.decode_jpeg = lambda data: decode_jpeg(data, ImageReadMode.RGB, self.device)
+        probe = io.BytesIO()
+        Image.new('RGB', (8, 8)).save(probe, 'JPEG')
+        try:  # a torchvision built without nvJPEG would leave every image to PIL, slowly
+            self.decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8))
+        except RuntimeError as e:
+            raise ValueError(f"torchvision cannot decode JPEGs on {self.device} here "
+                             f"({str(e).splitlines()[0]}): use --decode workers") from None
         std = torch.tensor(normalize.std, device=self.device).view(1, -1, 1, 1)
         self.scale = 1 / (255 * std)
         self.shift = -torch.tensor(normalize.mean, device=self.device).view(1, -1, 1, 1) / std

@@ -486,6 +486,16 @@ def test_device_decoding_rereads_an_image_decoded_to_another_size_than_its_heade
     assert torch.equal(decoded_both_ways(tmp_path, decoder)[1], right)  # PIL's pixels: the same on a CPU
 
 
+def test_device_decoding_where_torchvision_cannot_decode_is_one_line():
+    import torchvision.io
+    refuse = mock.Mock(side_effect=RuntimeError('decode_jpegs_cuda: torchvision not compiled with nvJPEG support'))
+    with mock.patch.object(torchvision.io, 'decode_jpeg', refuse), pytest.raises(
+            ValueError, match=r"^torchvision cannot decode JPEGs on cpu here \(decode_jpegs_cuda: torchvision not "
+                              r"compiled with nvJPEG support\): use --decode workers$"):
+        data.DeviceDecoder(48, imagenet(), 'cpu')
+    assert data.DeviceDecoder(48, imagenet(), 'cpu').size == [48, 48]  # the control: this torchvision decodes
+
+
 def test_device_decoding_batches_fit_a_low_open_files_limit(tmp_path):
     # each tensor a loader worker sends is a file descriptor in the training process: a batch sends its JPEGs as one
     # tensor (one JPEG a tensor failed here with 'Too many open files' at a batch of 300 under a limit of 256)
