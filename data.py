@@ -112,12 +112,14 @@ class JpegCrop(typing.NamedTuple):
 
 
 class JpegBatch(typing.NamedTuple):
-    """collate_crops' images: the JPEG files of the batch end to end in one tensor (one block of
-    shared memory from a loader worker, not one per file: the open files' limit), and the images
-    in batch order, JpegCrops (the n-th's bytes: files[ends[n - 1]:ends[n]]) or tensors."""
+    """collate_crops' images, each kind in one tensor (a tensor from a loader worker is an open
+    file in the training process, and the open files are limited): the JPEG files end to end
+    (the n-th crop's bytes: files[ends[n - 1]:ends[n]]), the other images stacked."""
     files: torch.Tensor
     ends: list
-    images: list
+    crops: list  # JpegCrops without their data, in batch order
+    at: list  # their places in the batch
+    others: torch.Tensor  # the images the workers transformed, in batch order
 
     def pin_memory(self):  # the loader's: nvJPEG copies the bytes into its own pinned buffers
         return self
@@ -130,10 +132,13 @@ def read_jpeg(path):
         raw = f.read()
     if not raw.startswith(b'\xff\xd8') or not raw.endswith(b'\xff\xd9'):
         return None  # not a JPEG, or one cut short: PIL says which
-    with Image.open(io.BytesIO(raw)) as img:
-        if img.format != 'JPEG' or img.mode != 'RGB' or img.getexif().get(0x0112, 1) != 1:
-            return None
-        size = img.size
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.format != 'JPEG' or img.mode != 'RGB' or img.getexif().get(0x0112, 1) != 1:
+                return None
+            size = img.size
+    except UNREADABLE:
+        return None  # load_image names the problem
     return EncodedJpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), size, str(path))
 
 
@@ -142,11 +147,14 @@ def collate_crops(samples):
     DeviceDecoder and the other images transformed by the workers."""
     (_, masks), labels, skipped = default_collate([((0, m), y, s) for (_, m), y, s in samples])
     images = [image for (image, _), _, _ in samples]
-    files = [image.data for image in images if isinstance(image, JpegCrop)]
-    ends = np.cumsum([len(f) for f in files]).tolist()
-    images = [i._replace(data=None) if isinstance(i, JpegCrop) else i for i in images]
-    files = torch.cat(files) if files else torch.empty(0, dtype=torch.uint8)
-    return (JpegBatch(files, ends, images), masks), labels, skipped
+    at = [i for i, image in enumerate(images) if isinstance(image, JpegCrop)]
+    files = [images[i].data for i in at]
+    others = [image for image in images if not isinstance(image, JpegCrop)]
+    batch = JpegBatch(torch.cat(files) if files else torch.empty(0, dtype=torch.uint8),
+                      np.cumsum([len(f) for f in files]).tolist(),
+                      [images[i]._replace(data=None) for i in at], at,
+                      torch.stack(others) if others else torch.empty(0))
+    return (batch, masks), labels, skipped
 
 
 class DeviceDecoder:
@@ -155,7 +163,7 @@ class DeviceDecoder:
     resized (bilinear, antialiased: PIL's filter), rounded to 8 bits, flipped and normalised, so
     the loader's workers only read the files; the other images come transformed by the workers.
     A JPEG the decoder refuses is read by PIL, else skipped with a warning and replaced by another
-    crop of the batch."""
+    image of the batch (of an earlier batch if it has none)."""
 
     def __init__(self, img_size, normalize, device):
         try:  # deprecated in torchvision 0.29 for TorchCodec's
@@ -172,29 +180,37 @@ class DeviceDecoder:
         except RuntimeError as e:
             raise ValueError(f"torchvision cannot decode JPEGs on {self.device} here "
                              f"({str(e).splitlines()[0]}): use --decode workers") from None
+        self.spare = None  # an image of an earlier batch, for a batch none of which is readable
         std = torch.tensor(normalize.std, device=self.device).view(1, -1, 1, 1)
         self.scale = 1 / (255 * std)
         self.shift = -torch.tensor(normalize.mean, device=self.device).view(1, -1, 1, 1) / std
 
     def __call__(self, batch):
-        images = batch.images
-        crops = [i for i, image in enumerate(images) if isinstance(image, JpegCrop)]
-        if not crops:
-            return torch.stack(images).to(self.device, non_blocking=True)
+        others = batch.others.to(self.device, non_blocking=True)
+        if not batch.crops:
+            return others
         files = torch.tensor_split(batch.files, batch.ends[:-1])
-        decoded = self.decode([images[i]._replace(data=f) for i, f in zip(crops, files)])
-        pixels = [None if x is None else self.crop(x, images[i]) for i, x in zip(crops, decoded)]
-        readable = [x for x in pixels if x is not None]
-        if not readable:
-            raise ValueError(f"none of the {len(crops)} JPEGs of a batch could be read (e.g. "
-                             f"{images[crops[0]].path})")
-        pixels = torch.cat([readable[0] if x is None else x for x in pixels])
-        pixels = torch.addcmul(self.shift, pixels.round_().clamp_(0, 255), self.scale)
-        if len(crops) == len(images):
-            return pixels
-        done = dict(zip(crops, pixels))
-        return torch.stack([done[i] if i in done else image.to(self.device, non_blocking=True)
-                            for i, image in enumerate(images)])
+        decoded = self.decode([c._replace(data=f) for c, f in zip(batch.crops, files)])
+        pixels = [None if x is None else self.crop(x, c) for c, x in zip(batch.crops, decoded)]
+        if any(x is not None for x in pixels):
+            read = torch.cat([x for x in pixels if x is not None]).round_().clamp_(0, 255)
+            read = iter(torch.addcmul(self.shift, read, self.scale))
+            pixels = [None if x is None else next(read) for x in pixels]
+        rows, others, crops, at = [], iter(others), iter(pixels), set(batch.at)
+        for i in range(len(pixels) + len(batch.others)):
+            rows.append(next(crops) if i in at else next(others))
+        return torch.stack(self.replace_unreadable(rows, batch))
+
+    def replace_unreadable(self, rows, batch):
+        """rows, the unreadable ones (None) replaced by the batch's first image, else by the
+        first image of an earlier batch (a batch of one)."""
+        readable = [x for x in rows if x is not None]
+        if not readable and self.spare is None:
+            raise ValueError(f"none of the images of the first batch could be read (e.g. "
+                             f"{batch.crops[0].path})")
+        substitute = readable[0] if readable else self.spare
+        self.spare = substitute.clone()
+        return [substitute if x is None else x for x in rows]
 
     def decode(self, crops):
         """-> the JpegCrops' images (3, H, W) uint8 on the device, None for unreadable ones. One

@@ -430,7 +430,7 @@ def decoded_both_ways(folder, decoder=None, seed=0):
     (images, masks), _, _ = data.collate_crops([device[k] for k in keys])
     decoded = (decoder or data.DeviceDecoder(48, imagenet(), 'cpu'))(images)
     levels = lambda x: x * torch.tensor(IMAGENET_DEFAULT_STD).view(-1, 1, 1) * 255
-    crops = [isinstance(image, data.JpegCrop) for image in images.images]
+    crops = [i in images.at for i in range(len(keys))]
     return (levels(torch.stack([x for x, _ in today])), levels(decoded),
             torch.equal(masks, torch.stack([m for _, m in today])), crops)
 
@@ -467,14 +467,22 @@ def test_device_decoding_skips_a_jpeg_no_decoder_reads(tmp_path):
     assert re.search('skipping unreadable image .*rgb1.jpg', messages)
     assert re.search('skipping unreadable image .*rgb2.jpg', messages)
     names = sorted(os.listdir(tmp_path))
-    replaced, first = decoded[names.index('rgb1.jpg')], decoded[names.index('rgb0.jpg')]
-    assert torch.equal(replaced, first) or torch.equal(replaced, first.flip(-1))  # the first crop, its own flip
+    assert torch.equal(decoded[names.index('rgb1.jpg')], decoded[0])  # replaced by the batch's first image
     decoder = data.DeviceDecoder(48, imagenet(), 'cpu')
     bad = data.read_jpeg(tmp_path / 'rgb1.jpg')
     crop = data.JpegCrop(bad.data, (0, 0, 8, 8), False, bad.path, bad.size[::-1])
-    batch = data.collate_crops([((crop, torch.zeros(1)), 0, 0)] * 2)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of the 2 JPEGs of a batch could be read'):
-        decoder(batch[0][0])
+    bad_batch = lambda n: data.collate_crops([((crop, torch.zeros(12, 12, dtype=torch.int64)), 0, 0)] * n)[0][0]
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of the images of the first batch could be '
+                                                                    'read .e.g. .*rgb1.jpg'):
+        decoder(bad_batch(2))
+    grey = data.ImageDataset(str(tmp_path), data.PretrainTransform(48, data.MaskGenerator(48, 16, 4, 0.6), imagenet()),
+                             encoded=True)[(1, 0)]  # grey.jpg: the workers'
+    assert data.JpegCrop not in map(type, grey[0])
+    with pytest.warns(UserWarning):  # the batch's only JPEG unreadable: the worker's image instead
+        mixed = decoder(data.collate_crops([((crop, torch.zeros(12, 12, dtype=torch.int64)), 0, 0), grey])[0][0])
+    assert torch.equal(mixed[0], mixed[1]) and torch.equal(mixed[1], grey[0][0])
+    with pytest.warns(UserWarning):  # a batch of one unreadable JPEG: an image of the batch before
+        assert torch.equal(decoder(bad_batch(1))[0], grey[0][0])
 
 
 def test_device_decoding_rereads_an_image_decoded_to_another_size_than_its_header(tmp_path):
