@@ -140,11 +140,7 @@ def pretrain(args, run):
         run.picture('reconstruction', drawn, 0)
 
     # the loss: the L1 distance of the reconstructed pixels in the masked squares (models.SimMIM)
-    to_device = data.DeviceDecoder(config.img_size, normalize, run.device) if dataset.encoded \
-        else lambda images: images.to(run.device, non_blocking=True)
-    if args.decode == 'device' and not dataset.encoded:
-        run.print(f"warning: --decode device decodes RGB JPEGs for 3-channel models; these "
-                  f"{config.in_chans}-channel images are decoded by the workers")
+    to_device = images_to_device(args, dataset, config, normalize, run)
 
     def loss_fn(batch):
         (images, masks), _, _ = batch
@@ -162,6 +158,16 @@ def pretrain(args, run):
     if engine.fit(trainer, loader, loss_fn, resumed, entries, end_epoch):
         run.print(f"done: checkpoints, log.jsonl and reconstruction pictures are in "
                   f"{args.output}")
+
+
+def images_to_device(args, dataset, config, normalize, run):
+    """The loader's images -> the device's batch: data.DeviceDecoder for --decode device."""
+    if dataset.encoded:
+        return data.DeviceDecoder(config.img_size, normalize, run.device)
+    if args.decode == 'device':
+        run.print(f"warning: --decode device decodes RGB JPEGs for 3-channel models; these "
+                  f"{config.in_chans}-channel images are decoded by the workers")
+    return lambda images: images.to(run.device, non_blocking=True)
 
 
 def masking(config, recipe, run):
