@@ -121,8 +121,8 @@ class JpegBatch(typing.NamedTuple):
     at: list  # their places in the batch
     others: torch.Tensor  # the images the workers transformed, in batch order
 
-    def pin_memory(self):  # the loader's: nvJPEG copies the bytes into its own pinned buffers
-        return self
+    def pin_memory(self):  # the loader's: nvJPEG copies the files into its own pinned buffers
+        return self._replace(others=self.others.pin_memory())
 
 
 def read_jpeg(path):
