@@ -185,7 +185,8 @@ class DeviceDecoder:
         self.scale = 1 / (255 * std)
         self.shift = -torch.tensor(normalize.mean, device=self.device).view(1, -1, 1, 1) / std
 
-    def __call__(self, batch):
+    def __call__(self, batch, skipped):
+        """-> the batch's images; skipped (the collated counts) counts the replaced ones too."""
         others = batch.others.to(self.device, non_blocking=True)
         if not batch.crops:
             return others
@@ -199,17 +200,19 @@ class DeviceDecoder:
         rows, others, crops, at = [], iter(others), iter(pixels), set(batch.at)
         for i in range(len(pixels) + len(batch.others)):
             rows.append(next(crops) if i in at else next(others))
-        return torch.stack(self.replace_unreadable(rows, batch))
+        return torch.stack(self.replace_unreadable(rows, batch, skipped))
 
-    def replace_unreadable(self, rows, batch):
+    def replace_unreadable(self, rows, batch, skipped):
         """rows, the unreadable ones (None) replaced by the batch's first image, else by the
-        first image of an earlier batch (a batch of one)."""
+        first image of an earlier batch (a batch of one), and counted in skipped."""
         readable = [x for x in rows if x is not None]
         if not readable and self.spare is None:
-            raise ValueError(f"none of the images of the first batch could be read (e.g. "
-                             f"{batch.crops[0].path})")
+            raise ValueError(f"none of the images of a batch could be read, and no earlier batch "
+                             f"has one to stand in (e.g. {batch.crops[0].path})")
         substitute = readable[0] if readable else self.spare
         self.spare = substitute.clone()
+        for i, x in enumerate(rows):
+            skipped[i] += x is None
         return [substitute if x is None else x for x in rows]
 
     def decode(self, crops):

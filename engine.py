@@ -259,6 +259,7 @@ class Run:
     def __init__(self, args):
         self.tensorboard = summary_writer(args.tensorboard)  # the class, or None
         self.board, self.pictures = None, []  # its writer (from start_output), pictures awaiting it
+        self.log_offset = 0  # log steps - schedule steps: a resume's steps per epoch may differ
         # torchrun sets RANK and WORLD_SIZE: then the run is distributed, with one process too
         self.distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
         self.world_size = int(os.environ['WORLD_SIZE']) if self.distributed else 1
@@ -319,7 +320,9 @@ class Run:
 
     def log(self, record, step):
         """One JSON line in OUTPUT/log.jsonl, and its numbers as TensorBoard scalars of the same
-        names at global step `step` (rank 0)."""
+        names, at the schedule's global step `step` counted on from the log resumed (rank 0)."""
+        step += self.log_offset
+        record = dict(record, step=step) if 'step' in record else record
         if self.main:
             self.check_output()
             with open(os.path.join(self.output, 'log.jsonl'), 'a') as f:
@@ -333,7 +336,7 @@ class Run:
         """An image (C, H, W; 0-1) for TensorBoard at global step `step` (rank 0); before the
         output is claimed (start_output) it waits."""
         if self.main and self.tensorboard:
-            self.pictures.append((name, image.cpu(), step))
+            self.pictures.append((name, image.cpu(), step + self.log_offset))
             self.show_pictures()
 
     def show_pictures(self):
@@ -359,11 +362,12 @@ class Run:
             raise ValueError(f"--output '{self.output}' is not a folder that can be written "
                              f"({e.strerror}); choose another") from None
 
-    def start_output(self, args, entries, resumed, start, steps_per_epoch):
+    def start_output(self, args, entries, resumed, start, first_epoch):
         """Create --output and claim it: args.json names this run, its flags, settings (entries'
         config and recipe), library versions and the --resume its series of runs started from;
-        log.jsonl keeps the records up to global step `start` (the checkpoint resumed). An
-        unwritable folder fails now, not at the first checkpoint."""
+        log.jsonl keeps the records up to log step `start` (the checkpoint resumed) and those of
+        the epochs before first_epoch. An unwritable folder fails now, not at the first
+        checkpoint."""
         self.make_output()
         if not self.main:
             return
@@ -387,7 +391,8 @@ class Run:
                         record = json.loads(line)
                     except ValueError:  # a line cut by a kill
                         continue
-                    if record.get('step', (record['epoch'] + 1) * steps_per_epoch) <= start:
+                    if ('step' in record and record['step'] <= start or
+                            'step' not in record and record['epoch'] < first_epoch):
                         kept.append(line)
         checkpoints.save_atomic(lambda f: f.write(''.join(kept).encode()), log)
         if self.tensorboard:  # it hides the events of steps past `start` (a killed attempt's)
@@ -742,13 +747,14 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
     end_epoch(epoch, numbered) after each epoch's steps -> more copies (e.g. ['best.pth']); it may
     update entries. -> True when done, False when stopped by a SIGTERM."""
     run, args, schedule = trainer.run, trainer.args, trainer.schedule
-    start_epoch, start_step = resume(trainer, resumed) if resumed else (0, 0)
-    run.start_output(args, entries, bool(resumed), start_epoch * schedule.steps_per_epoch +
-                     start_step, schedule.steps_per_epoch)
+    start_epoch, start_step, logged = resume(trainer, resumed) if resumed else (0, 0, 0)
+    run.log_offset = logged - (start_epoch * schedule.steps_per_epoch + start_step)
+    run.start_output(args, entries, bool(resumed), logged, start_epoch)
 
     def state(epoch, step):
         return dict(entries, **trainer.state_dict(), epoch=epoch, step=step,
-                    steps_per_epoch=schedule.steps_per_epoch)
+                    steps_per_epoch=schedule.steps_per_epoch,
+                    logged_steps=epoch * schedule.steps_per_epoch + step + run.log_offset)
 
     run.training = True  # from here a SIGTERM saves and stops the run at the next log line
     for epoch in range(start_epoch, schedule.epochs):
@@ -775,7 +781,8 @@ def how_to_resume(args):
 def resume(trainer, checkpoint):
     """Restore the weights and training state of a checkpoint of ours. -> (epoch, step) to go on
     from: after a completed epoch, or inside one (--save-steps, SIGTERM), which only the same
-    batches per step can continue (the images the epoch has seen are skipped by count)."""
+    batches per step can continue (the images the epoch has seen are skipped by count); and the
+    steps its log counts (other steps per epoch before: --accept-changes, other data)."""
     saved, path = checkpoint.saved, checkpoint.path
     trainer.load_state_dict(checkpoint)
     epoch, steps = saved['epoch'], saved['steps_per_epoch']
@@ -795,14 +802,15 @@ def resume(trainer, checkpoint):
     position = (epoch, step) if step < steps else (epoch + 1, 0)
     trainer.run.print(f"resumed from {path} at epoch {position[0]}"
                       + (f" step {position[1]}" if position[1] else ''))
-    return position
+    return (*position, saved.get('logged_steps', epoch * steps + step))
 
 
 def train_one_epoch(trainer, loader, loss_fn, epoch, state, start=0):
     """Steps start.. of one epoch of trainer.step over loader's batches (their 3rd item counts
-    skipped files). Every --print-freq steps and at the epoch's end a log line, where the ranks
-    also agree on a SIGTERM stop; inside the epoch checkpoint.pth = state(epoch, steps done)
-    then, and every --save-steps steps. -> True, or False when stopped inside the epoch."""
+    skipped files; loss_fn may add those it finds unreadable). Every --print-freq steps and at
+    the epoch's end a log line, where the ranks also agree on a SIGTERM stop; inside the epoch
+    checkpoint.pth = state(epoch, steps done) then, and every --save-steps steps. -> True, or
+    False when stopped inside the epoch."""
     run, args, recipe = trainer.run, trainer.args, trainer.recipe
     steps, accumulation = trainer.schedule.steps_per_epoch, recipe['accumulation_steps']
     trainer.wrapped.train()
@@ -817,12 +825,12 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, state, start=0):
         t = time.time()
         micro = [next(batches) for _ in range(accumulation)]
         since_log['data_s'] += time.time() - t
-        since_log['skipped'] += sum(int(b[2].sum()) for b in micro)
         step = epoch * steps + it
         seed = hash((recipe['seed'], step, run.rank)) & 0xFFFF_FFFF  # drop path, mixup
         torch.manual_seed(seed)
         np.random.seed(seed)
         loss, grad_norm = trainer.step(step, micro, loss_fn)
+        since_log['skipped'] += sum(int(b[2].sum()) for b in micro)  # loss_fn may count more
         trainer.epoch_loss += loss
         trainer.epoch_steps += 1
         since_log['loss'] += loss

@@ -143,8 +143,8 @@ def pretrain(args, run):
     to_device = images_to_device(args, dataset, config, normalize, run)
 
     def loss_fn(batch):
-        (images, masks), _, _ = batch
-        images = to_device(images)
+        (images, masks), _, skipped = batch
+        images = to_device(images, skipped)
         return trainer.wrapped(images, masks.to(run.device, non_blocking=True))
 
     def end_epoch(epoch, numbered):
@@ -167,7 +167,7 @@ def images_to_device(args, dataset, config, normalize, run):
     if args.decode == 'device':
         run.print(f"warning: --decode device decodes RGB JPEGs for 3-channel models; these "
                   f"{config.in_chans}-channel images are decoded by the workers")
-    return lambda images: images.to(run.device, non_blocking=True)
+    return lambda images, _: images.to(run.device, non_blocking=True)
 
 
 def masking(config, recipe, run):

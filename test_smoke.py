@@ -422,23 +422,25 @@ def write_jpegs_of_every_kind(folder):
 
 def decoded_both_ways(folder, decoder=None, seed=0):
     """The pretraining batch of every image in folder: the workers' (PIL) and --decode device's, the same draws.
-    -> (workers' images, device's images, masks equal, which were JpegCrops), images in 0-255 levels."""
+    -> (workers' images, device's images, masks equal, which were JpegCrops, files skipped for each), images in
+    0-255 levels."""
     transform = data.PretrainTransform(48, data.MaskGenerator(48, 16, 4, 0.6), imagenet())
     workers, device = (data.ImageDataset(str(folder), transform, encoded=e) for e in (False, True))
     keys = [(i, seed + i) for i in range(len(workers))]
     today = [workers[k][0] for k in keys]
-    (images, masks), _, _ = data.collate_crops([device[k] for k in keys])
-    decoded = (decoder or data.DeviceDecoder(48, imagenet(), 'cpu'))(images)
+    (images, masks), _, skipped = data.collate_crops([device[k] for k in keys])
+    decoded = (decoder or data.DeviceDecoder(48, imagenet(), 'cpu'))(images, skipped)
     levels = lambda x: x * torch.tensor(IMAGENET_DEFAULT_STD).view(-1, 1, 1) * 255
     crops = [i in images.at for i in range(len(keys))]
     return (levels(torch.stack([x for x, _ in today])), levels(decoded),
-            torch.equal(masks, torch.stack([m for _, m in today])), crops)
+            torch.equal(masks, torch.stack([m for _, m in today])), crops, skipped.tolist())
 
 
 def test_device_decoding_is_within_one_level_of_the_workers_pixels(tmp_path):
     rgb = write_jpegs_of_every_kind(tmp_path)
-    today, decoded, masks_equal, crops = decoded_both_ways(tmp_path)
+    today, decoded, masks_equal, crops, skipped = decoded_both_ways(tmp_path)
     names = sorted(os.listdir(tmp_path))
+    assert skipped == [0] * len(names)
     assert [n for n, c in zip(names, crops) if c] == rgb and masks_equal  # the rest decoded by the workers
     gap = (today - decoded).abs()
     for name, g in zip(names, gap):
@@ -461,8 +463,9 @@ def test_device_decoding_skips_a_jpeg_no_decoder_reads(tmp_path):
     (tmp_path / 'rgb1.jpg').write_bytes(good[:600] + bytes(2000) + good[2600:])  # a whole header, a bad middle
     (tmp_path / 'rgb2.jpg').write_bytes(good[:len(good) // 2])  # cut short: the workers' PIL skips it, as today
     with pytest.warns(UserWarning) as warned:
-        _, decoded, _, crops = decoded_both_ways(tmp_path)
+        _, decoded, _, crops, skipped = decoded_both_ways(tmp_path)
     assert crops == [False, False, False, True, True, True, True, False]  # rgb2: rgb3 instead, as the workers do
+    assert skipped == [0, 0, 0, 0, 1, 1, 0, 0]  # rgb1 (replaced on the device) and rgb2 (skipped by a worker)
     messages = ' '.join(str(w.message) for w in warned)
     assert re.search('skipping unreadable image .*rgb1.jpg', messages)
     assert re.search('skipping unreadable image .*rgb2.jpg', messages)
@@ -472,17 +475,18 @@ def test_device_decoding_skips_a_jpeg_no_decoder_reads(tmp_path):
     bad = data.read_jpeg(tmp_path / 'rgb1.jpg')
     crop = data.JpegCrop(bad.data, (0, 0, 8, 8), False, bad.path, bad.size[::-1])
     bad_batch = lambda n: data.collate_crops([((crop, torch.zeros(12, 12, dtype=torch.int64)), 0, 0)] * n)[0][0]
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match='none of the images of the first batch could be '
-                                                                    'read .e.g. .*rgb1.jpg'):
-        decoder(bad_batch(2))
+    alone = 'none of the images of a batch could be read, and no earlier batch has one to stand in .e.g. .*rgb1'
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=alone):
+        decoder(bad_batch(2), torch.zeros(2))
     grey = data.ImageDataset(str(tmp_path), data.PretrainTransform(48, data.MaskGenerator(48, 16, 4, 0.6), imagenet()),
                              encoded=True)[(1, 0)]  # grey.jpg: the workers'
     assert data.JpegCrop not in map(type, grey[0])
     with pytest.warns(UserWarning):  # the batch's only JPEG unreadable: the worker's image instead
-        mixed = decoder(data.collate_crops([((crop, torch.zeros(12, 12, dtype=torch.int64)), 0, 0), grey])[0][0])
-    assert torch.equal(mixed[0], mixed[1]) and torch.equal(mixed[1], grey[0][0])
+        (images, _), _, skipped = data.collate_crops([((crop, torch.zeros(12, 12, dtype=torch.int64)), 0, 0), grey])
+        mixed = decoder(images, skipped)
+    assert torch.equal(mixed[0], mixed[1]) and torch.equal(mixed[1], grey[0][0]) and skipped.tolist() == [1, 0]
     with pytest.warns(UserWarning):  # a batch of one unreadable JPEG: an image of the batch before
-        assert torch.equal(decoder(bad_batch(1))[0], grey[0][0])
+        assert torch.equal(decoder(bad_batch(1), torch.zeros(1))[0], grey[0][0])
 
 
 def test_device_decoding_rereads_an_image_decoded_to_another_size_than_its_header(tmp_path):
@@ -536,6 +540,11 @@ def test_pretraining_with_device_decoding_trains_as_with_the_workers(tmp_path, c
                                 *one_epoch))
     assert 'warning: --decode device decodes RGB JPEGs for 3-channel models; these 1-channel images are decoded ' \
            'by the workers' in capsys.readouterr().out
+    good = (tmp_path / 'data' / 'rgb0.jpg').read_bytes()
+    (tmp_path / 'data' / 'rgb1.jpg').write_bytes(good[:600] + bytes(2000) + good[2600:])  # no decoder reads it
+    with pytest.warns(UserWarning, match='rgb1.jpg'):
+        pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'damaged', '--decode', 'device', *one_epoch))
+    assert sum(r.get('skipped_files', 0) for r in read_log(tmp_path / 'damaged')) == 1  # replaced on the device
 
 
 def test_randaugment_posterize_at_the_top_magnitude_turns_the_image_black():
@@ -651,6 +660,22 @@ def test_pretrain_end_to_end_with_exact_resume(tmp_path, capsys):
     written = [e.step for f in glob.glob(str(tmp_path / 'again' / 'tensorboard' / '*')) for e in
                EventFileLoader(f).Load() if e.HasField('summary') and e.summary.value[0].tag == 'loss']
     assert sorted(written) == [1, 2, 3, 3, 4, 4]  # the control: what the purge at the resume hides
+
+
+def test_a_resume_with_fewer_steps_per_epoch_keeps_the_whole_log_and_counts_on(tmp_path, capsys):
+    write_images(tmp_path / 'data', 8)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))  # batch 4: 2 steps per epoch, log steps 1-4
+    before = read_log(tmp_path / 'run')
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', '--epochs', '4', '--batch-size', '8',
+                                '--accept-changes'))  # 1 step per epoch: the schedule's steps 2 and 3
+    assert 'resumed from' in capsys.readouterr().out
+    log = read_log(tmp_path / 'run')
+    assert log[:len(before)] == before  # renumbered by the schedule, steps 3 and 4 were dropped at the resume
+    assert [r['step'] for r in log if 'step' in r] == [1, 2, 3, 4, 5, 6]
+    assert [r['epoch'] for r in log if 'epoch_loss' in r] == [0, 1, 2, 3]
+    assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['logged_steps'] == 6
+    scalars, pictures = read_tensorboard(tmp_path / 'run' / 'tensorboard')
+    assert [step for step, _ in scalars['loss']] == [1, 2, 3, 4, 5, 6] and pictures == [0, 2, 4, 5, 6]
 
 
 def read_tensorboard(folder):

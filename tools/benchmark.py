@@ -345,14 +345,15 @@ def data_rate(args, folder, decode, device):
     dataset, normalize = pipeline(args, folder, decode)
     loader = data.build_loader(dataset, args.data_batch, args.num_workers, 0)
     to_device = data.DeviceDecoder(args.img_size or 192, normalize, device) if dataset.encoded \
-        else lambda images: images.to(device, non_blocking=True)
+        else lambda images, _: images.to(device, non_blocking=True)
     loader.sampler.set_epoch(0)
     batches = iter(loader)
-    to_device(next(batches)[0][0])  # workers started, the decoder made
+    (images, _), _, skipped = next(batches)
+    to_device(images, skipped)  # workers started, the decoder made
     synchronize(device)
     start, count = time.perf_counter(), 0
-    for (images, _), _, _ in batches:
-        count += len(to_device(images))
+    for (images, _), _, skipped in batches:
+        count += len(to_device(images, skipped))
     synchronize(device)
     return count / (time.perf_counter() - start)
 
@@ -368,8 +369,8 @@ def decode_difference(args, folder, device, n=128):
     (workers, normalize), (encoded, _) = pipeline(args, folder, 'workers'), pipeline(args, folder, 'device')
     keys = [(i, i) for i in range(min(n, len(workers)))]
     today = torch.stack([workers[k][0][0] for k in keys])
-    images = data.collate_crops([encoded[k] for k in keys])[0][0]
-    decoded = data.DeviceDecoder(args.img_size or 192, normalize, device)(images).cpu()
+    (images, _), _, skipped = data.collate_crops([encoded[k] for k in keys])
+    decoded = data.DeviceDecoder(args.img_size or 192, normalize, device)(images, skipped).cpu()
     gap = (today - decoded).abs() * torch.tensor(normalize.std).view(1, -1, 1, 1) * 255
     return dict(max=gap.max().item(), mean=gap.mean().item(), differing=(gap > 0.5).float().mean().item())
 
