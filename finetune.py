@@ -407,7 +407,7 @@ def finetune(args, run, config, recipe, model, train_set, val_loader, resumed):
                    best_loss=saved.get('best_loss', math.inf))
 
     def end_epoch(epoch, numbered):
-        stats = evaluate(model, val_loader, run, trainer.autocast)
+        stats = evaluate(model, val_loader, run, trainer.autocast, trainer.sharded)
         best = (stats['acc1'], -stats['loss']) > (entries['max_accuracy'], -entries['best_loss'])
         if epoch == 0 or best:
             entries.update(max_accuracy=stats['acc1'], best_loss=stats['loss'])
@@ -443,14 +443,19 @@ def mixing(recipe, num_classes):
 # Evaluation and use
 
 @torch.no_grad()
-def evaluate(model, loader, run, amp_context):
+def evaluate(model, loader, run, amp_context, sharded=False):
     """Over all ranks, every readable validation image once: loss, top-1 and top-5 (%; top-5 with
     more than 5 classes), per-class top-1 (%; None: no images) and the confusion matrix (rows:
-    true class, columns: predicted)."""
+    true class, columns: predicted). A sharded model's forward gathers its weights from every
+    rank, so there the ranks with fewer batches run uncounted ones until all ran as many."""
     model.eval()
     k = model.num_classes
     totals = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss, top-5 hits, images
     confusion = torch.zeros(k * k, dtype=torch.float64, device=run.device)
+    extra = torch.tensor(len(loader), device=run.device)
+    if sharded:
+        dist.all_reduce(extra, dist.ReduceOp.MAX)
+    extra = int(extra) - len(loader)
     for images, targets, skipped in loader:
         readable = (skipped == 0).to(run.device)  # an unreadable file's stand-in: not counted
         images = images.to(run.device, non_blocking=True)
@@ -462,6 +467,9 @@ def evaluate(model, loader, run, amp_context):
         sums = [(loss * readable).sum(), (top5 & readable).sum(), readable.sum()]
         totals += torch.stack(sums).double()
         confusion.index_add_(0, targets * k + logits.argmax(1), readable.double())  # no wait
+    for _ in range(extra):
+        with amp_context:
+            model(loader.dataset[0][0][None].to(run.device))
     if run.distributed:
         dist.all_reduce(totals)
         dist.all_reduce(confusion)

@@ -2682,6 +2682,20 @@ def reshard_worker(rank, port, folder, results):
         run.close()
 
 
+def test_fsdp_fine_tuning_validates_when_the_ranks_have_unequal_batches(sharded, tmp_path):
+    # 3 validation images in batches of 1: rank 0 gets 2, rank 1 one; a sharded forward needs every rank (it hung)
+    write_classes(tmp_path / 'data' / 'train', 2)
+    write_classes(tmp_path / 'data' / 'val', 1)
+    shutil.copy(tmp_path / 'data' / 'val' / 'red' / '0.png', tmp_path / 'data' / 'val' / 'red' / '1.png')
+    result = subprocess.run(torchrun('finetune.py', '--fsdp', '--pretrained', str(sharded / 'fsdp' / 'checkpoint.pth'),
+                                     '--data-path', str(tmp_path / 'data'), '--batch-size', '1', '--epochs', '1',
+                                     '--num-workers', '0', '--amp', 'off', '--aa', '', '--mixup', '0', '--cutmix', '0',
+                                     '--dist-timeout', '0.5', '--output', str(tmp_path / 'ft')),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert re.search(r'epoch 0 validation: top-1 .* on 3 images', result.stdout)
+
+
 def test_an_fsdp_checkpoint_reshards_to_another_world_size_and_keeps_names_and_groups(sharded):
     results = torch.multiprocessing.Manager().dict()
     port = 29500 + (os.getpid() + 700) % 1000
