@@ -3,8 +3,7 @@ its schedule, the AMP training step, and fit: the epoch loop with resume and sav
 
     run = Run(args)                                       # launch(body, args) makes and closes it
     schedule = Schedule(recipe, len(loader), run.world_size)
-    optimizer = build_optimizer(models.param_groups(model, recipe['weight_decay']), schedule.lr)
-    trainer = Trainer(model, optimizer, schedule, recipe, args, run)
+    trainer = Trainer(model, schedule, recipe, args, run)   # wraps the model, makes its AdamW
     fit(trainer, loader, loss_fn, resumed, entries)       # resumes, trains, saves
 """
 import argparse
@@ -449,6 +448,15 @@ def pick_device(name):
     if name is not None and name.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no GPU here; use --device cpu or a CUDA "
                          "build of torch on a machine with a GPU")
+    if name is not None and ':' in name:
+        index, count = int(name.split(':')[1]), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device {name}, but torch sees {count} GPU(s) here: cuda:0 to "
+                             f"cuda:{count - 1}")
+        if int(os.environ.get('LOCAL_WORLD_SIZE', 1)) > 1:
+            raise ValueError(f"--device {name} would put every process of this machine on one "
+                             f"GPU: use --device cuda (each process its local rank's)")
+        return torch.device(name)
     cuda = torch.cuda.is_available() if name is None else name.startswith('cuda')
     return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else 'cpu')
 
@@ -521,8 +529,9 @@ def autocast(amp, device):
 def wrap(model, run, compile='off', amp='off', fsdp=False):
     """FSDP2 when fsdp (each block sharded, then the whole model: in place), else
     DistributedDataParallel when distributed (its buckets hold the gradients; the models'
-    buffers are constants, not re-broadcast); then torch.compile if compile is 'on', or 'auto' on
-    a GPU without fsdp (compiling the DDP wrapper keeps its reductions overlapping the backward)."""
+    buffers are constants, not re-broadcast; BatchNorm's statistics: Trainer.average_statistics);
+    then torch.compile if compile is 'on', or 'auto' on a GPU without fsdp (compiling the DDP
+    wrapper keeps its reductions overlapping the backward)."""
     if fsdp:
         if not run.distributed or amp == 'fp16':
             raise ValueError("--fsdp shards over the processes of a torchrun (one process too: "
@@ -673,6 +682,17 @@ class Trainer:
         self.steps_run += 1
         return total / len(micro_batches), grad_norm
 
+    def average_statistics(self):
+        """BatchNorm's running statistics (the linear probe's head) averaged over the ranks, each
+        of which updated its own from its own batches: before a validation or a save."""
+        if not self.run.distributed:
+            return
+        for module in self.model.modules():
+            for name in ('running_mean', 'running_var'):
+                if getattr(module, name, None) is not None:
+                    dist.all_reduce(getattr(module, name))
+                    getattr(module, name).div_(self.run.world_size)
+
     def check_nonfinite(self, step, final=False):
         """-> the number of skipped non-finite steps; a ValueError after --max-nonfinite of them
         in a row, and at the end (final) if every step this process ran was skipped."""
@@ -694,8 +714,10 @@ class Trainer:
     def state_dict(self):
         """The checkpoint's 'model', 'optimizer' and 'trainer' entries; with --fsdp the first
         two sharded (torch.distributed.checkpoint's, by parameter name)."""
-        trainer = dict(scaler=self.scaler.state_dict(), nonfinite_total=int(self.nonfinite[2]),
-                       epoch_loss=self.epoch_loss.item(), epoch_steps=self.epoch_steps)
+        streak, _, total = (int(v) for v in self.nonfinite.tolist())
+        trainer = dict(scaler=self.scaler.state_dict(), nonfinite_total=total,
+                       nonfinite_streak=streak, epoch_loss=self.epoch_loss.item(),
+                       epoch_steps=self.epoch_steps)
         if self.sharded:
             model, optimizer = get_state_dict(self.model, self.optimizer)
         else:
@@ -731,7 +753,9 @@ class Trainer:
         state = saved['trainer']
         if state['scaler'] and self.scaler.is_enabled():  # fp16 before and now, else anew
             self.scaler.load_state_dict(state['scaler'])
-        self.nonfinite[2] = state['nonfinite_total']
+        streak = state.get('nonfinite_streak', 0)  # a resumed run continues it
+        self.nonfinite = torch.tensor([streak, streak, state['nonfinite_total']],
+                                      dtype=self.nonfinite.dtype, device=self.run.device)
         self.epoch_loss.fill_(state.get('epoch_loss', 0.))  # older checkpoints: none counted
         self.epoch_steps = state.get('epoch_steps', 0)
 
@@ -765,7 +789,7 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
         copies = end_epoch(epoch, numbered) if end_epoch else []
         copies = [f'ckpt_epoch_{epoch}.pth'] * numbered + copies
         run.save(state(epoch, schedule.steps_per_epoch), copies, trainer.sharded)
-        if run.stopping:
+        if run.stopping and epoch + 1 < schedule.epochs:  # after the last epoch: done
             run.print(f"SIGTERM: stopped after epoch {epoch}; {how_to_resume(args)}")
             return False
     trainer.check_nonfinite(schedule.epochs * schedule.steps_per_epoch, final=True)
@@ -842,12 +866,14 @@ def train_one_epoch(trainer, loader, loss_fn, epoch, state, start=0):
         if it + 1 < steps and (run.stopping or save_now):
             mean, = run.sync(trainer.epoch_loss.item())  # each rank resumes with the ranks' mean
             trainer.epoch_loss.fill_(mean)
+            trainer.average_statistics()
             run.save(state(epoch, it + 1), sharded=trainer.sharded)
             if run.stopping:
                 run.print(f"SIGTERM: stopped after step {it + 1} of epoch {epoch}; "
                           f"{how_to_resume(args)}")
                 return False
     mean_loss, = run.sync(trainer.epoch_loss.item() / trainer.epoch_steps)
+    trainer.average_statistics()
     seconds = time.time() - epoch_start
     run.print(f"epoch {epoch} done in {datetime.timedelta(seconds=int(seconds))}: mean loss "
               f"{mean_loss:.4f}")

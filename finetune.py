@@ -506,7 +506,7 @@ def throughput(model, config, batch_size, run, amp_context, steps=10):
     size = config.img_size
     x = torch.randn(batch_size, config.in_chans, size, size, device=run.device)
     times = []
-    for i in range(steps + 3):
+    for _ in range(steps + 3):
         start = time.perf_counter()
         with amp_context:
             model(x)

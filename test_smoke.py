@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from unittest import mock
 
 import numpy as np
@@ -700,6 +701,20 @@ def log_scalars(log, steps_per_epoch):
     return scalars
 
 
+def test_device_cuda_n_is_that_gpu_and_refused_where_it_cannot_be(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    assert engine.pick_device('cuda:1') == torch.device('cuda:1')  # it was cuda:0, the local rank's
+    assert engine.pick_device('cuda') == torch.device('cuda:0')
+    with pytest.raises(ValueError, match=r"^--device cuda:2, but torch sees 2 GPU\(s\) here: cuda:0 to cuda:1$"):
+        engine.pick_device('cuda:2')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    with pytest.raises(ValueError, match='would put every process of this machine on one GPU: use --device cuda'):
+        engine.pick_device('cuda:1')
+
+
 def test_pretrain_bad_input_is_one_line(tmp_path):
     write_images(tmp_path / 'data', 2)
     os.makedirs(tmp_path / 'empty')
@@ -776,7 +791,10 @@ def test_a_nonfinite_step_changes_nothing_on_the_device(amp):
     trainer = engine.Trainer(model, schedule, recipe, args, run)
     trainer.load_state_dict(checkpoints.Checkpoint('x.pth', {}, {}, 'ours', {}, state))  # as a resume does
     trainer.step(5, [x], scale(float('nan')))
-    assert trainer.check_nonfinite(5) == 4
+    with pytest.raises(ValueError, match='3 consecutive steps'):  # the streak goes on across the resume
+        trainer.check_nonfinite(5)
+    trainer.step(6, [x], scale(1.))
+    assert trainer.nonfinite.tolist() == [0, 3, 4]  # streak, longest, total
 
 
 def stop_agreement_worker(rank, port, results):
@@ -790,6 +808,11 @@ def stop_agreement_worker(rank, port, results):
             if run.stopping:
                 break
         results[rank] = step, means
+        probe = torch.nn.BatchNorm1d(2, affine=False)  # the linear probe's head: statistics of each rank's batches
+        probe(torch.tensor([[1., 2.], [3., 4.]]) * (rank + 1))
+        alone = probe.running_mean.clone()
+        engine.Trainer.average_statistics(types.SimpleNamespace(model=probe, run=run))
+        results[f'bn{rank}'] = alone.tolist(), probe.running_mean.tolist()
     finally:
         run.close()
 
@@ -798,7 +821,10 @@ def test_a_sigterm_to_one_rank_stops_every_rank_after_the_same_step():
     port = 29500 + os.getpid() % 1000
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(stop_agreement_worker, args=(port, results), nprocs=2)
-    assert dict(results) == {0: (3, [0.5, 2.0]), 1: (3, [0.5, 2.0])}  # the log line's means, and the stop
+    assert results[0] == results[1] == (3, [0.5, 2.0])  # the log line's means, and the stop
+    (alone0, averaged0), (alone1, averaged1) = results['bn0'], results['bn1']
+    assert alone0 == pytest.approx([0.2, 0.3]) and alone1 == pytest.approx([0.4, 0.6])  # momentum 0.1
+    assert averaged0 == averaged1 == pytest.approx([0.3, 0.45])
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
@@ -1268,6 +1294,23 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypat
     a = torch.load(tmp_path / 'straight' / 'checkpoint.pth', weights_only=True)['model']
     b = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['model']
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sigterm_in_the_last_step_ends_the_run_done(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path / 'data', 8)
+    original, calls = models.SimMIM.forward, []
+
+    def preempted(self, x, mask):  # SIGTERM during the 4th and last step
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, x, mask)
+
+    monkeypatch.setattr(models.SimMIM, 'forward', preempted)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
+    out = capsys.readouterr().out
+    assert 'done: checkpoints' in out and 'SIGTERM' not in out  # it said "stopped after epoch 1; rerun to resume"
+    assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['epoch'] == 1
 
 
 def test_a_run_started_from_resume_elsewhere_continues_its_own_progress_and_epoch_mean(tmp_path, monkeypatch,

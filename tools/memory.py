@@ -1,7 +1,7 @@
 """Memory per GPU of SimMIM pretraining under DDP and --fsdp, for the README's table.
 
     python tools/memory.py                  # Swin-B, SwinV2-H, SwinV2-G at 192px; 8, 16, 64 GPUs
-    python tools/memory.py --batch-size 64 --models swinv2_huge
+    python tools/memory.py --models swinv2_huge --img-size 224 --gpus 8
 
 Weights, gradients and AdamW state come from the parameter counts: float32 weights (4 bytes a
 parameter), gradients (4) and two AdamW moments (8); DDP holds all of them on every GPU, FSDP a
