@@ -21,6 +21,7 @@ Items, each in its own process with a time limit (its log is OUT/<item>.log):
                                 and benchmark.py --data --profile: one worker's milliseconds per stage
   compile_swin, compile_vit     benchmark.py: ours eager against ours under torch.compile (the GPU default), bf16
   levers (only with --items)    Swin-B compiled with CUDA graphs (--compile-mode reduce-overhead), and at batch 256
+  compile_fp16 (only with --items) as compile_swin, in fp16 (GradScaler)
 
 The first run (H200, 2026-11-28) took 508 s, before pretrain_bf16 compiled; compiling adds an estimated two minutes.
 --budget ends the run in time: items past it are reported as not run, and --items runs them.
@@ -42,9 +43,10 @@ sys.path[:0] = [ROOT, HERE]  # the scripts, and benchmark.py beside this file
 
 ITEMS = ('pretrain_bf16', 'pretrain_fp16', 'finetune', 'attention', 'host_syncs', 'benchmark_swin', 'benchmark_vit',
          'data', 'compile_swin', 'compile_vit')
-OPTIONAL = ('levers',)  # run only when named in --items
+OPTIONAL = ('levers', 'compile_fp16')  # run only when named in --items
 LIMITS = dict(pretrain_bf16=220, pretrain_fp16=80, finetune=60, attention=40, host_syncs=45, benchmark_swin=100,
-              benchmark_vit=100, data=60, compile_swin=180, compile_vit=120, levers=240)  # seconds on an H100 / H200
+              benchmark_vit=100, data=60, compile_swin=180, compile_vit=120, levers=240,
+              compile_fp16=180)  # seconds on an H100 / H200
 
 
 def get_args_parser():
@@ -333,6 +335,8 @@ def run_item(name, cfg, args):
                               2, 'benchmark')
     if name == 'data':
         return data_item(cfg, out)
+    if name == 'compile_fp16':
+        return benchmark_item(cfg, out, cfg['swin'], None, ['ours', 'ours-compile'], ['fp16'], 1, 'compile_fp16')
     if name.startswith('compile_'):
         return benchmark_item(cfg, out, cfg[name.split('_')[1]], None, ['ours', 'ours-compile'], ['bf16'], 1,
                               'compile')
