@@ -397,7 +397,9 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
     """The checkpoint to resume: resume (a path or name), else OUTPUT's newest intact one when auto
     (checkpoint.pth, else the newest ckpt_epoch_N.pth); in training OUTPUT's also when a run of the
     same resume saved it there (the same command, rerun, continues its own progress). The search
-    passes over a corrupted or missing checkpoint.pth, saying so. -> Checkpoint or None."""
+    passes over a corrupted or missing checkpoint.pth, saying so, and over the checkpoints of
+    runs before the series last started in OUTPUT (a fresh start, or a --resume): with none of
+    its own, that series starts again from where it started. -> Checkpoint or None."""
     latest = os.path.join(output, 'checkpoint.pth')
     numbered = {}
     for name in os.listdir(output) if os.path.isdir(output) else []:
@@ -417,13 +419,21 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
     if not os.path.isfile(latest):
         say(f"{latest} is missing: passed over")
     candidates = [latest] * os.path.isfile(latest) + [numbered[e] for e in sorted(numbered)[::-1]]
+    series, corrupt = record.get('series'), False  # None (no args.json, or older): any is its own
     for path in candidates:
         try:
-            return read(path, allow_pickle, consolidate=False)
+            found = read(path, allow_pickle, consolidate=False)
         except Corrupt as e:
             say(f"{str(e).split(';')[0]}: passed over")
-    raise ValueError(f"every checkpoint in {output} is corrupted; start afresh with "
-                     f"--no-auto-resume")
+            corrupt = True
+            continue
+        if not training or series is None or found.saved.get('series', series) == series:
+            return found
+        say(f"{path} is of a run before the one last started in {output}: passed over")
+    if corrupt:
+        raise ValueError(f"every checkpoint in {output} is corrupted; start afresh with "
+                         f"--no-auto-resume")
+    return read(resume, allow_pickle, consolidate=False) if resume else None
 
 
 def run_record(output):

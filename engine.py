@@ -283,7 +283,7 @@ class Run:
         self.main = self.rank == 0
         self.output = args.output
         now = datetime.datetime.now().isoformat(timespec='seconds')
-        ids = [f"{socket.gethostname()} pid {os.getpid()} {now}"]  # rank 0's names the run
+        ids = [f"{socket.gethostname()} pid {os.getpid()} {now} {os.urandom(3).hex()}"]  # rank 0's
         if self.distributed:
             dist.broadcast_object_list(ids, src=0)
         self.id = ids[0]
@@ -362,7 +362,8 @@ class Run:
                              f"({e.strerror}); choose another") from None
 
     def start_output(self, args, entries, resumed, start, first_epoch):
-        """Create --output and claim it: args.json names this run, its flags, settings (entries'
+        """Create --output and claim it: args.json names this run, its series (entries': the run
+        that started fresh or from --resume, which reruns continue), flags, settings (entries'
         config and recipe), library versions and the --resume its series of runs started from;
         log.jsonl keeps the records up to log step `start` (the checkpoint resumed) and those of
         the epochs before first_epoch. An unwritable folder fails now, not at the first
@@ -374,8 +375,8 @@ class Run:
         started_from = args.resume or (previous.get('started_from') if resumed else None)
         if started_from and os.path.exists(started_from):
             started_from = os.path.abspath(started_from)
-        info = dict(run=self.id, args=vars(args), config=entries['config'],
-                    recipe=entries['recipe'], started_from=started_from,
+        info = dict(run=self.id, series=entries['series'], args=vars(args),
+                    config=entries['config'], recipe=entries['recipe'], started_from=started_from,
                     world_size=self.world_size, device=str(self.device),
                     python=platform.python_version(), torch=torch.__version__,
                     torchvision=torchvision.__version__, timm=timm.__version__,
@@ -773,10 +774,12 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
     run, args, schedule = trainer.run, trainer.args, trainer.schedule
     start_epoch, start_step, logged = resume(trainer, resumed) if resumed else (0, 0, 0)
     run.log_offset = logged - (start_epoch * schedule.steps_per_epoch + start_step)
-    run.start_output(args, entries, bool(resumed), logged, start_epoch)
+    continued = resumed and resumed.path != args.resume  # OUTPUT's, found by auto-resume
+    series = resumed.saved.get('series', run.id) if continued else run.id
+    run.start_output(args, dict(entries, series=series), bool(resumed), logged, start_epoch)
 
     def state(epoch, step):
-        return dict(entries, **trainer.state_dict(), epoch=epoch, step=step,
+        return dict(entries, **trainer.state_dict(), epoch=epoch, step=step, series=series,
                     steps_per_epoch=schedule.steps_per_epoch,
                     logged_steps=epoch * schedule.steps_per_epoch + step + run.log_offset)
 

@@ -1313,6 +1313,37 @@ def test_a_sigterm_in_the_last_step_ends_the_run_done(tmp_path, monkeypatch, cap
     assert torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)['epoch'] == 1
 
 
+def test_auto_resume_keeps_to_the_runs_last_started_in_the_output(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path / 'data', 8)
+    run, original = tmp_path / 'run', models.SimMIM.forward
+    pretrain.main(pretrain_args(tmp_path / 'data', run))  # epochs 0 and 1: ckpt_epoch_0/1.pth, checkpoint.pth
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    # started again from its epoch-0 checkpoint, Ctrl-C before its first save; rerun: from that file again (it took
+    # the earlier run's checkpoint.pth, at the end of epoch 1)
+    back = pretrain_args(tmp_path / 'data', run, '--resume', str(run / 'ckpt_epoch_0.pth'), '--epochs', '3',
+                         '--accept-changes')
+    monkeypatch.setattr(models.SimMIM, 'forward', interrupted)
+    with pytest.raises(SystemExit, match='interrupted'):
+        pretrain.main(back)
+    monkeypatch.setattr(models.SimMIM, 'forward', original)
+    capsys.readouterr()
+    pretrain.main(back)
+    out = capsys.readouterr().out
+    assert 'is of a run before the one last started' in out
+    assert re.search(r"resumed from .*ckpt_epoch_0.pth at epoch 1\b", out)
+    # started afresh (--no-auto-resume) and stopped after its epoch 0; its checkpoint.pth lost: auto-resume takes its
+    # own ckpt_epoch_0.pth, not the earlier runs' ckpt_epoch_2.pth
+    pretrain.main(pretrain_args(tmp_path / 'data', run, '--epochs', '1', '--no-auto-resume'))
+    os.remove(run / 'checkpoint.pth')
+    capsys.readouterr()
+    pretrain.main(pretrain_args(tmp_path / 'data', run, '--epochs', '3', '--accept-changes'))
+    out = capsys.readouterr().out
+    assert re.search(r"resumed from .*ckpt_epoch_0.pth at epoch 1\b", out) and 'ckpt_epoch_2.pth is of a run' in out
+
+
 def test_a_run_started_from_resume_elsewhere_continues_its_own_progress_and_epoch_mean(tmp_path, monkeypatch,
                                                                                         capsys):
     import signal
