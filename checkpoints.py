@@ -460,8 +460,9 @@ def check_export(folder):
                          f"{os.path.splitext(folder)[0]}/")
     if os.path.commonpath([os.getcwd(), os.path.abspath(folder)]) == os.path.abspath(folder):
         raise ValueError(f"--export '{folder}' holds the current folder: name a new folder")
-    if os.path.exists(folder) and not (os.path.isdir(folder) and
-                                       set(os.listdir(folder)) <= EXPORTED):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--export '{folder}' is a file: name a new folder")
+    if os.path.isdir(folder) and not set(os.listdir(folder)) <= EXPORTED:
         raise ValueError(f"--export '{folder}' holds other files than an export: name a new "
                          f"folder (an export's is replaced)")
 

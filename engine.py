@@ -225,16 +225,28 @@ def recipe(args, run, defaults, inherited=None):
     return values
 
 
+def warn_unused(run, args, mode, keys):
+    """A mode (--eval, --stats, ...) that takes none of these flags names those given."""
+    given = [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k, None) is not None]
+    if given:
+        run.print(f"warning: {mode} does not use {', '.join(given)}: ignored")
+
+
 def check_changes(run, path, saved, given, accept, use=False):
     """Refuse to resume path with settings (given; None: not given) other than saved, unless
     --accept-changes; to use it (evaluate, predict, export) with other ones at all."""
     plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    shown = lambda v: "''" if v == '' else 'none' if v is None else plain(v)
     name = lambda k: 'the effective batch' if k == 'effective_batch' else '--' + k.replace('_', '-')
-    changed = [f"{name(k)} {plain(saved[k])} -> {plain(v)}" for k, v in given.items()
-               if v is not None and k in saved and plain(saved[k]) != plain(v)]
+    changed = {k: f"{name(k)} {shown(saved[k])} -> {shown(v)}" for k, v in given.items()
+               if v is not None and k in saved and plain(saved[k]) != plain(v)}
+    if 'pretrained' in changed and not use:  # the weights come from path
+        raise ValueError(f"{changed['pretrained']}: a resumed run goes on from the weights of "
+                         f"'{path}'; --pretrained starts a new run: give it another --output "
+                         f"(or --no-auto-resume), or leave --pretrained out to resume")
     if not changed:
         return
-    changed = ', '.join(changed)
+    changed = ', '.join(changed.values())
     if use and not accept:
         raise ValueError(f"'{path}' was trained with other settings: {changed}; leave these flags "
                          f"out (they come from the checkpoint), or add --accept-changes to use "
@@ -583,9 +595,9 @@ class Schedule:
         self.steps_per_epoch = batches // r['accumulation_steps']
         batch = r['effective_batch'] // (world_size * r['accumulation_steps'])
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the images make {batches} batches of {batch} per process, not one "
-                             f"step of {r['accumulation_steps']} accumulation steps on each of "
-                             f"{world_size} processes; lower --batch-size or add images")
+            raise ValueError(f"a training step needs {r['accumulation_steps']} full batch(es) of "
+                             f"{batch} images on each of {world_size} process(es), and the images "
+                             f"make {batches} per process: lower --batch-size or add images")
         if (r['lr_scheduler'] == 'multistep') != bool(r['multisteps']):
             raise ValueError("--multisteps (the epochs where the lr drops by --gamma) go with "
                              "--lr-scheduler multistep, and it needs them")
@@ -784,6 +796,10 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
                     logged_steps=epoch * schedule.steps_per_epoch + step + run.log_offset)
 
     run.training = True  # from here a SIGTERM saves and stops the run at the next log line
+    latest = os.path.join(args.output, 'checkpoint.pth')
+    if start_epoch == schedule.epochs and os.path.abspath(resumed.path) != os.path.abspath(latest):
+        # finished, resumed from another file (a damaged checkpoint.pth passed over): whole again
+        run.save(state(start_epoch - 1, schedule.steps_per_epoch), (), trainer.sharded)
     for epoch in range(start_epoch, schedule.epochs):
         first = start_step if epoch == start_epoch else 0
         if not train_one_epoch(trainer, loader, loss_fn, epoch, state, first):
@@ -827,6 +843,11 @@ def resume(trainer, checkpoint):
                          f"{trainer.schedule.steps_per_epoch}: resume with the same images, or "
                          f"from the end of an epoch (a ckpt_epoch_N.pth)")
     position = (epoch, step) if step < steps else (epoch + 1, 0)
+    if position > (trainer.schedule.epochs, 0):
+        where = f"epoch {epoch} step {step}" if step < steps else f"the end of epoch {epoch}"
+        raise ValueError(f"'{path}' is past the end of --epochs {trainer.schedule.epochs} (it "
+                         f"is at {where}): nothing to train; give --epochs {position[0] + 1} "
+                         f"or more, or start afresh")
     trainer.run.print(f"resumed from {path} at epoch {position[0]}"
                       + (f" step {position[1]}" if position[1] else ''))
     return (*position, saved.get('logged_steps', epoch * steps + step))

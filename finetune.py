@@ -118,7 +118,7 @@ def settings(args, run):
     else the recipe's (the probe's with --linear-probe). -> (model config, recipe, resumed
     checkpoint, source checkpoint: the resumed one or --pretrained)."""
     use = bool(args.eval or args.predict or args.throughput or args.export)
-    check_modes(args)
+    check_modes(args, run)
     if use:  # the checkpoint named, not OUTPUT's
         resumed = checkpoints.read(args.resume, args.allow_pickle) if args.resume else None
     else:
@@ -157,8 +157,8 @@ def settings(args, run):
     return config, recipe, resumed, source
 
 
-def check_modes(args):
-    """One use at a time, and with what it needs."""
+def check_modes(args, run):
+    """One use at a time, with what it needs, and a warning naming the training flags given."""
     modes = [f'--{m}' for m in ('eval', 'predict', 'throughput', 'export') if getattr(args, m)]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(modes)} each run alone: pass one of them")
@@ -168,6 +168,9 @@ def check_modes(args):
         raise ValueError("--predict-csv writes the predictions of --predict IMG ...: pass both")
     if modes and args.resume and args.pretrained:
         raise ValueError(f"{modes[0]} uses one checkpoint: pass --resume or --pretrained")
+    if modes:
+        kept = ('batch_size', 'amp', 'data_path', 'pretrained', 'linear_probe', 'probe_block')
+        engine.warn_unused(run, args, modes[0], [k for k in RECIPE if k not in kept])
 
 
 def check_sources(args, resumed, source, use):
@@ -546,10 +549,13 @@ def predict(model, paths, csv_path, amp_context, k=5):
     except ValueError as e:
         raise ValueError(f"--predict: {e}") from None
     target = csv_path and os.path.abspath(csv_path)
-    if target and (target in map(os.path.abspath, files)
-                   or not os.path.isdir(os.path.dirname(target))):
-        raise ValueError(f"--predict-csv '{csv_path}' is one of the images, or its folder does "
-                         f"not exist: name a new file in an existing folder")
+    why = target and ('is one of the images' if target in map(os.path.abspath, files) else
+                      'is a folder' if os.path.isdir(target) else
+                      'is in no folder that exists' if not os.path.isdir(os.path.dirname(target))
+                      else None)
+    if why:
+        raise ValueError(f"--predict-csv '{csv_path}' {why}: name a new file in an existing "
+                         f"folder")
     for path in files:
         name = os.fsencode(path).decode(errors='replace')  # printable under any locale
         try:

@@ -218,6 +218,9 @@ def picture_batch(dataset, transform, mask_generator, device, n=8):
 def stats(args, run):
     """--stats: the --mean and --std that normalise --data-path (under --intensity) to mean 0 and
     std 1."""
+    used = ('in_chans', 'intensity', 'data_path')
+    unused = [k for k in (*models.FIELDS, *RECIPE) if k not in used]
+    engine.warn_unused(run, args, '--stats', unused)
     given = {k: getattr(args, k) for k in ('in_chans', 'intensity') if getattr(args, k)}
     dataset = data.ImageDataset(args.data_path or DEMO_DATA, None, **given)
     mean, std, n = data.folder_stats(dataset)
@@ -236,6 +239,8 @@ def reconstruct(args, run):
         files = data.image_files(args.reconstruct)
     except ValueError as e:
         raise ValueError(f"--reconstruct: {e}") from None
+    kept = ('pretrained', 'mask_patch_size', 'mask_ratio', 'seed')
+    engine.warn_unused(run, args, '--reconstruct', [k for k in RECIPE if k not in kept])
     config, recipe, _, source = settings(args, run, resume=False)
     if not source.simmim:
         raise ValueError(f"'{args.pretrained}' holds no SimMIM decoder (a classifier?): "

@@ -721,7 +721,8 @@ def test_pretrain_bad_input_is_one_line(tmp_path):
     cases = [
         (tmp_path / 'missing', [], "data path '.*missing' is not a folder"),
         (tmp_path / 'empty', [], 'no images'),
-        (tmp_path / 'data', [], r'the images make 0 batches of 4 per process, not one step'),
+        (tmp_path / 'data', [], r'a training step needs 1 full batch\(es\) of 4 images on each of 1 process\(es\), '
+                                r'and the images make 0 per process: lower --batch-size or add images'),
         (tmp_path / 'data', ['--img-size', '72'], 'not divisible by the encoder stride 32'),
         (tmp_path / 'data', ['--model', 'swinv2_tiny', '--window-size', '2', '--num-heads', '1', '2', '2', '3'],
          "swinv2_tiny's width 64 in stage 3 is not divisible by its 3 attention heads"),
@@ -1212,10 +1213,14 @@ def test_export_from_any_layout_loads_in_timm(tmp_path, capsys):
     reference = fixture('ms_window_interp.pt')
     for key, table in reference.items():
         torch.testing.assert_close(model.state_dict()[key], table, atol=1e-6, rtol=0)
-    for wrong in ('encoder.pth', os.path.join(FIXTURES)):  # a file name; a folder with other files
-        with pytest.raises(SystemExit, match='writes a folder|holds other files than an export'):
+    (tmp_path / 'notes.txt').write_text('mine')
+    for wrong in ('encoder.pth', os.path.join(FIXTURES), str(tmp_path / 'notes.txt')):  # a file name; a folder with
+        # other files; a file
+        with pytest.raises(SystemExit, match="writes a folder|holds other files than an export|notes.txt' is a file"):
             finetune.main(finetune.get_args_parser().parse_args([
                 '--pretrained', os.path.join(FIXTURES, 'hf_simmim_swin'), '--export', wrong]))
+    assert (tmp_path / 'notes.txt').read_text() == 'mine'
+    os.remove(tmp_path / 'notes.txt')
     for mine in ('encoder.tmp', 'encoder.old'):  # the user's: left alone
         os.makedirs(tmp_path / mine)
         (tmp_path / mine / 'notes.txt').write_text('mine')
@@ -1974,6 +1979,10 @@ def test_using_a_classifier_takes_its_settings_and_one_mode_at_a_time(finetuned,
           *['.2'] * 4], r"RandAugment \(--aa\) works on 1- or 3-channel images, not 4: pass --aa ''"),
         (['--resume', best, '--predict', data_path, '--predict-csv', str(next((finetuned / 'data').rglob('*.png')))],
          r"--predict-csv '.*png' is one of the images"),
+        (['--resume', best, '--predict', data_path, '--predict-csv', str(tmp_path)], r"--predict-csv '.*' is a folder: "
+         r"name a new file in an existing folder"),  # it was refused after every prediction
+        (['--resume', best, '--predict', data_path, '--predict-csv', str(tmp_path / 'no' / 'p.csv')],
+         r"--predict-csv '.*p.csv' is in no folder that exists"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit, match='^error: ' + message):
@@ -2032,6 +2041,25 @@ def flip_bytes_in_the_largest_tensor(path):
         chunk = f.read(64)
         f.seek(start)
         f.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def test_a_resume_refuses_pretrained_and_fewer_epochs_and_mends_a_finished_runs_damaged_checkpoint(tmp_path, capsys):
+    write_images(tmp_path / 'data', 8)
+    run = tmp_path / 'run'
+    pretrain.main(pretrain_args(tmp_path / 'data', run))  # 2 epochs
+    with pytest.raises(SystemExit, match=r"^error: --pretrained none -> .*ckpt_epoch_0.pth: a resumed run goes on from "
+                                         r"the weights of '.*checkpoint.pth'; --pretrained starts a new run"):
+        pretrain.main(pretrain_args(tmp_path / 'data', run, '--pretrained', str(run / 'ckpt_epoch_0.pth'),
+                                    '--accept-changes'))  # it was listed as accepted, and never loaded
+    with pytest.raises(SystemExit, match=r"checkpoint.pth' is past the end of --epochs 1 \(it is at the end of epoch "
+                                         r"1\): nothing to train; give --epochs 3 or more"):  # it said "done"
+        pretrain.main(pretrain_args(tmp_path / 'data', run, '--epochs', '1', '--accept-changes'))
+    flip_bytes_in_the_largest_tensor(run / 'checkpoint.pth')
+    capsys.readouterr()
+    pretrain.main(pretrain_args(tmp_path / 'data', run))  # finished: resumed from ckpt_epoch_1.pth, nothing to train
+    out = capsys.readouterr().out
+    assert 'passed over' in out and re.search(r"resumed from .*ckpt_epoch_1.pth at epoch 2", out) and 'done' in out
+    assert checkpoints.read(str(run / 'checkpoint.pth')).saved['epoch'] == 1  # whole again (it stayed damaged)
 
 
 def test_a_corrupted_checkpoint_is_never_trained_from(tmp_path, capsys):
@@ -2131,8 +2159,10 @@ def test_16_bit_grey_journey_pretrain_finetune_predict_export(tmp_path, capsys):
     arch = ['--model', 'swin_tiny', '--embed-dim', '8', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2', '2',
             '4', '--num-workers', '0', '--amp', 'off', '--print-freq', '1', '--batch-size', '4', '--warmup-epochs', '0']
     pretrain.main(pretrain.get_args_parser().parse_args([
-        '--stats', '--data-path', str(tmp_path / 'data' / 'train'), '--in-chans', '1', '--intensity', '4095']))
+        '--stats', '--data-path', str(tmp_path / 'data' / 'train'), '--in-chans', '1', '--intensity', '4095',
+        '--model', 'vit_base', '--epochs', '5']))
     line = capsys.readouterr().out
+    assert 'warning: --stats does not use --model, --epochs: ignored' in line
     mean, std = (re.search(rf'--{k} ([\d.]+)', line)[1] for k in ('mean', 'std'))
     assert 0.15 < float(mean) < 0.4 and 0.05 < float(std) < 0.4, line  # of 0-1 pixels: 600-3100 of 4095
     pretrain.main(pretrain.get_args_parser().parse_args(arch + [
@@ -2154,8 +2184,9 @@ def test_16_bit_grey_journey_pretrain_finetune_predict_export(tmp_path, capsys):
     assert log[-1]['val_per_class'] == [100 * r[i] / sum(r) for i, r in enumerate(log[-1]['val_confusion'])]
     finetune.main(finetune.get_args_parser().parse_args([
         '--predict', str(tmp_path / 'data' / 'val'), '--resume', str(tmp_path / 'ft' / 'best.pth'),
-        '--predict-csv', str(tmp_path / 'predictions.csv')]))
+        '--predict-csv', str(tmp_path / 'predictions.csv'), '--mixup', '0.5', '--base-lr', '3']))
     out = capsys.readouterr().out
+    assert 'warning: --predict does not use --base-lr, --mixup: ignored' in out
     rows = list(__import__('csv').reader(open(tmp_path / 'predictions.csv')))
     assert rows[0] == ['image', 'class_1', 'score_1', 'class_2', 'score_2'] and len(rows) == 5
     assert all(r[1] in ('left', 'right') and abs(float(r[2]) + float(r[4]) - 1) < 1e-5 for r in rows[1:])
