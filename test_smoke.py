@@ -1945,8 +1945,8 @@ def test_another_run_into_a_used_output_is_refused_and_eval_needs_a_classifier(f
     shutil.copytree(finetuned / 'ft', tmp_path / 'ft')
     other = tmp_path / 'other.pth'
     shutil.copy(finetuned / 'pre' / 'checkpoint.pth', other)
-    with pytest.raises(SystemExit, match=r"--pretrained .*checkpoint.pth -> .*other.pth.*start afresh with another "
-                                         r"--output"):
+    with pytest.raises(SystemExit, match=r"--pretrained .*checkpoint.pth -> .*other.pth: a resumed run goes on from "
+                                         r"the weights of .*; --pretrained starts a new run: give it another --output"):
         finetune.main(finetune.get_args_parser().parse_args([
             '--pretrained', str(other), '--data-path', str(finetuned / 'data'), '--num-workers', '0', '--amp', 'off',
             '--batch-size', '4', '--epochs', '4', '--warmup-epochs', '0', '--base-lr', '1', '--mixup', '0',
