@@ -50,6 +50,7 @@ class Checkpoint:
     layout: str    # 'ours', 'microsoft', 'mmpretrain', 'huggingface' or 'timm'
     recipe: dict   # ours: the settings a resumed run keeps; else empty
     saved: dict    # the file's dict (ours: model, optimizer, trainer, epoch, step, ...)
+    continues: bool = False  # OUTPUT's, found by auto-resume: the series of runs it continues
 
     @property
     def kind(self):
@@ -279,8 +280,13 @@ def save(folder, entries, copies=()):
     latest = os.path.join(folder, 'checkpoint.pth')
     save_atomic(lambda f: torch.save(dict(entries, checksum=checksum(entries)), f), latest)
     for name in copies:
-        with open(latest, 'rb') as source:
-            save_atomic(lambda f: shutil.copyfileobj(source, f), os.path.join(folder, name))
+        copy(latest, os.path.join(folder, name))
+
+
+def copy(path, to):
+    """The file at path copied to `to`, atomically."""
+    with open(path, 'rb') as source:
+        save_atomic(lambda f: shutil.copyfileobj(source, f), to)
 
 
 def save_sharded(folder, entries, copies=()):
@@ -419,7 +425,8 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
     if not os.path.isfile(latest):
         say(f"{latest} is missing: passed over")
     candidates = [latest] * os.path.isfile(latest) + [numbered[e] for e in sorted(numbered)[::-1]]
-    series, corrupt = record.get('series'), False  # None (no args.json, or older): any is its own
+    series = record.get('series')  # None (no args.json, or older ones): any is its own
+    corrupt = earlier = False
     for path in candidates:
         try:
             found = read(path, allow_pickle, consolidate=False)
@@ -427,13 +434,16 @@ def find_resume(output, resume, auto=True, training=True, allow_pickle=False, sa
             say(f"{str(e).split(';')[0]}: passed over")
             corrupt = True
             continue
-        if not training or series is None or found.saved.get('series', series) == series:
-            return found
+        if not training or series is None or found.saved.get('series') == series:
+            return dataclasses.replace(found, continues=True)
         say(f"{path} is of a run before the one last started in {output}: passed over")
+        earlier = True
+    if resume:  # none of its own: from where it started
+        return read(resume, allow_pickle, consolidate=False)
     if corrupt:
-        raise ValueError(f"every checkpoint in {output} is corrupted; start afresh with "
-                         f"--no-auto-resume")
-    return read(resume, allow_pickle, consolidate=False) if resume else None
+        which = 'intact checkpoint of the run last started' if earlier else 'intact checkpoint'
+        raise ValueError(f"no {which} in {output}; start afresh with --no-auto-resume")
+    return None
 
 
 def run_record(output):

@@ -197,7 +197,8 @@ def add_run_args(g, output, compile):
                    help='a log line every N steps; a SIGTERM stops the run at the next')
     g.add_argument('--seed', type=number('[0, 4294967295]', int),
                    help='initialisation, data order, augmentation and masks')
-    g.add_argument('--device', help='cuda or cpu (default: cuda when available)')
+    g.add_argument('--device', help='cuda, cuda:N or cpu (default: cuda when available, under '
+                                    'torchrun the local rank\'s GPU)')
     g.add_argument('--allow-pickle', action='store_true',
                    help='load checkpoints holding pickled objects (official SimMIM ones): this '
                         'runs code from the file, only for files you trust')
@@ -786,8 +787,7 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
     run, args, schedule = trainer.run, trainer.args, trainer.schedule
     start_epoch, start_step, logged = resume(trainer, resumed) if resumed else (0, 0, 0)
     run.log_offset = logged - (start_epoch * schedule.steps_per_epoch + start_step)
-    continued = resumed and resumed.path != args.resume  # OUTPUT's, found by auto-resume
-    series = resumed.saved.get('series', run.id) if continued else run.id
+    series = resumed.saved.get('series') if resumed and resumed.continues else run.id
     run.start_output(args, dict(entries, series=series), bool(resumed), logged, start_epoch)
 
     def state(epoch, step):
@@ -797,9 +797,9 @@ def fit(trainer, loader, loss_fn, resumed, entries, end_epoch=None):
 
     run.training = True  # from here a SIGTERM saves and stops the run at the next log line
     latest = os.path.join(args.output, 'checkpoint.pth')
-    if start_epoch == schedule.epochs and os.path.abspath(resumed.path) != os.path.abspath(latest):
-        # finished, resumed from another file (a damaged checkpoint.pth passed over): whole again
-        run.save(state(start_epoch - 1, schedule.steps_per_epoch), (), trainer.sharded)
+    if start_epoch == schedule.epochs and resumed.continues and run.main and \
+            os.path.abspath(resumed.path) != os.path.abspath(latest):
+        checkpoints.copy(resumed.path, latest)  # finished; a damaged checkpoint.pth passed over
     for epoch in range(start_epoch, schedule.epochs):
         first = start_step if epoch == start_epoch else 0
         if not train_one_epoch(trainer, loader, loss_fn, epoch, state, first):

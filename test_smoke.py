@@ -1334,10 +1334,11 @@ def test_auto_resume_keeps_to_the_runs_last_started_in_the_output(tmp_path, monk
     with pytest.raises(SystemExit, match='interrupted'):
         pretrain.main(back)
     monkeypatch.setattr(models.SimMIM, 'forward', original)
+    flip_bytes_in_the_largest_tensor(run / 'checkpoint.pth')  # and the earlier run's checkpoint.pth damaged
     capsys.readouterr()
     pretrain.main(back)
     out = capsys.readouterr().out
-    assert 'is of a run before the one last started' in out
+    assert 'is of a run before the one last started' in out and "checkpoint.pth' is corrupted" in out
     assert re.search(r"resumed from .*ckpt_epoch_0.pth at epoch 1\b", out)
     # started afresh (--no-auto-resume) and stopped after its epoch 0; its checkpoint.pth lost: auto-resume takes its
     # own ckpt_epoch_0.pth, not the earlier runs' ckpt_epoch_2.pth
@@ -1347,6 +1348,23 @@ def test_auto_resume_keeps_to_the_runs_last_started_in_the_output(tmp_path, monk
     pretrain.main(pretrain_args(tmp_path / 'data', run, '--epochs', '3', '--accept-changes'))
     out = capsys.readouterr().out
     assert re.search(r"resumed from .*ckpt_epoch_0.pth at epoch 1\b", out) and 'ckpt_epoch_2.pth is of a run' in out
+    # started from OUTPUT's own checkpoint.pth by name: a rerun continues it (the same series), not a new one
+    pretrain.main(pretrain_args(tmp_path / 'data', run, '--resume', str(run / 'checkpoint.pth'), '--epochs', '4',
+                                '--accept-changes'))
+    found = checkpoints.find_resume(str(run), str(run / 'checkpoint.pth'), say=print)
+    assert found.continues and found.saved['series'] == json.load(open(run / 'args.json'))['series']
+    older = {k: v for k, v in found.saved.items() if k != 'series'}  # saved before runs named their series
+    os.makedirs(tmp_path / 'older')
+    checkpoints.save(str(tmp_path / 'older'), older)
+    (tmp_path / 'older' / 'args.json').write_text(json.dumps({'series': 'a run started later'}))
+    assert checkpoints.find_resume(str(tmp_path / 'older'), None, say=print) is None
+    json.dump({}, open(tmp_path / 'older' / 'args.json', 'w'))  # the run that wrote it, older too: its own
+    assert checkpoints.find_resume(str(tmp_path / 'older'), None, say=print).saved['epoch'] == 3
+    for name in os.listdir(run):
+        if name.endswith('.pth'):
+            flip_bytes_in_the_largest_tensor(run / name)
+    with pytest.raises(SystemExit, match=r"no intact checkpoint in .*run; start afresh with --no-auto-resume"):
+        pretrain.main(pretrain_args(tmp_path / 'data', run, '--epochs', '4', '--accept-changes'))
 
 
 def test_a_run_started_from_resume_elsewhere_continues_its_own_progress_and_epoch_mean(tmp_path, monkeypatch,
