@@ -1269,21 +1269,25 @@ def test_eval_and_predict_with_a_classifier_of_other_code(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------------
 # Faults: preemption, full disks, lost ranks, bad files
 
-def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypatch, capsys):
-    import signal
-    write_images(tmp_path / 'data', 8)
-    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'straight'))  # 2 epochs x 2 steps
+def preempt_at_step(monkeypatch, n):
+    """SimMIM's forward sends this process SIGTERM (a scheduler's preemption) during its nth call."""
     original, calls = models.SimMIM.forward, []
 
-    def preempted(self, x, mask):  # SIGTERM arrives during the 3rd step (epoch 1, step 0)
+    def preempted(self, x, mask):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, x, mask)
 
     monkeypatch.setattr(models.SimMIM, 'forward', preempted)
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypatch, capsys):
+    write_images(tmp_path / 'data', 8)
+    pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'straight'))  # 2 epochs x 2 steps
+    preempt_at_step(monkeypatch, 3)  # epoch 1, step 0
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
-    monkeypatch.setattr(models.SimMIM, 'forward', original)
+    monkeypatch.undo()
     assert 'SIGTERM: stopped after step 1 of epoch 1' in capsys.readouterr().out
     stopped = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=True)
     assert (stopped['epoch'], stopped['step']) == (1, 1)
@@ -1303,15 +1307,7 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_matches(tmp_path, monkeypat
 
 def test_a_sigterm_in_the_last_step_ends_the_run_done(tmp_path, monkeypatch, capsys):
     write_images(tmp_path / 'data', 8)
-    original, calls = models.SimMIM.forward, []
-
-    def preempted(self, x, mask):  # SIGTERM during the 4th and last step
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, x, mask)
-
-    monkeypatch.setattr(models.SimMIM, 'forward', preempted)
+    preempt_at_step(monkeypatch, 4)  # the last step
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run'))
     out = capsys.readouterr().out
     assert 'done: checkpoints' in out and 'SIGTERM' not in out  # it said "stopped after epoch 1; rerun to resume"
@@ -1369,22 +1365,13 @@ def test_auto_resume_keeps_to_the_runs_last_started_in_the_output(tmp_path, monk
 
 def test_a_run_started_from_resume_elsewhere_continues_its_own_progress_and_epoch_mean(tmp_path, monkeypatch,
                                                                                         capsys):
-    import signal
     write_images(tmp_path / 'data', 8)
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'old', '--epochs', '1'))
     more = ['--resume', str(tmp_path / 'old' / 'checkpoint.pth'), '--epochs', '3', '--accept-changes']
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'straight', *more))  # epochs 1 and 2 of 2 steps
-    original, calls = models.SimMIM.forward, []
-
-    def preempted(self, x, mask):  # SIGTERM during the run's first step (epoch 1, step 0)
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, x, mask)
-
-    monkeypatch.setattr(models.SimMIM, 'forward', preempted)
+    preempt_at_step(monkeypatch, 1)  # the run's first step (epoch 1, step 0)
     pretrain.main(pretrain_args(tmp_path / 'data', tmp_path / 'run', *more))
-    monkeypatch.setattr(models.SimMIM, 'forward', original)
+    monkeypatch.undo()
     assert 'SIGTERM: stopped after step 1 of epoch 1' in capsys.readouterr().out
     shutil.copytree(tmp_path / 'run', tmp_path / 'older')  # as older code saved it: no sum of the epoch's losses
     older = torch.load(tmp_path / 'older' / 'checkpoint.pth', weights_only=True)
