@@ -168,8 +168,10 @@ def check_modes(args, run):
         raise ValueError("--predict-csv writes the predictions of --predict IMG ...: pass both")
     if modes and args.resume and args.pretrained:
         raise ValueError(f"{modes[0]} uses one checkpoint: pass --resume or --pretrained")
-    if modes:
-        kept = ('batch_size', 'amp', 'data_path', 'pretrained', 'linear_probe', 'probe_block')
+    if modes:  # what each mode takes besides its checkpoint (pretrained, linear_probe, probe_block)
+        kept = {'--eval': ('batch_size', 'amp', 'data_path'), '--predict': ('amp',),
+                '--throughput': ('batch_size', 'amp'), '--export': ()}[modes[0]]
+        kept += ('pretrained', 'linear_probe', 'probe_block')
         engine.warn_unused(run, args, modes[0], [k for k in RECIPE if k not in kept])
 
 

@@ -2189,9 +2189,9 @@ def test_16_bit_grey_journey_pretrain_finetune_predict_export(tmp_path, capsys):
     assert log[-1]['val_per_class'] == [100 * r[i] / sum(r) for i, r in enumerate(log[-1]['val_confusion'])]
     finetune.main(finetune.get_args_parser().parse_args([
         '--predict', str(tmp_path / 'data' / 'val'), '--resume', str(tmp_path / 'ft' / 'best.pth'),
-        '--predict-csv', str(tmp_path / 'predictions.csv'), '--mixup', '0.5', '--base-lr', '3']))
+        '--predict-csv', str(tmp_path / 'predictions.csv'), '--mixup', '0.5', '--base-lr', '3', '--batch-size', '2']))
     out = capsys.readouterr().out
-    assert 'warning: --predict does not use --base-lr, --mixup: ignored' in out
+    assert 'warning: --predict does not use --base-lr, --batch-size, --mixup: ignored' in out
     rows = list(__import__('csv').reader(open(tmp_path / 'predictions.csv')))
     assert rows[0] == ['image', 'class_1', 'score_1', 'class_2', 'score_2'] and len(rows) == 5
     assert all(r[1] in ('left', 'right') and abs(float(r[2]) + float(r[4]) - 1) < 1e-5 for r in rows[1:])
