@@ -52,7 +52,8 @@ class Parser(argparse.ArgumentParser):
     line, not the whole usage first."""
 
     def __init__(self, description, recipe, output, compile, probe=None):
-        super().__init__(description=description, formatter_class=HelpFormatter)
+        super().__init__(description=description, formatter_class=HelpFormatter,
+                         allow_abbrev=False)  # --lr is no --lr-scheduler
         self.model = self.add_argument_group('model')
         add_model_args(self.model)
         self.data = self.add_argument_group('data')
@@ -243,8 +244,8 @@ def check_changes(run, path, saved, given, accept, use=False):
                if v is not None and k in saved and plain(saved[k]) != plain(v)}
     if 'pretrained' in changed and not use:  # the weights come from path
         raise ValueError(f"{changed['pretrained']}: a resumed run goes on from the weights of "
-                         f"'{path}'; --pretrained starts a new run: give it another --output "
-                         f"(or --no-auto-resume), or leave --pretrained out to resume")
+                         f"'{path}'; leave --pretrained out to resume it, or start a new run from "
+                         f"--pretrained without --resume (another --output, or --no-auto-resume)")
     if not changed:
         return
     changed = ', '.join(changed.values())

@@ -1897,6 +1897,12 @@ def test_out_of_range_flags_are_one_line_errors(flag, value, message, capsys):
                                                     f"lists the flags)"]
 
 
+def test_a_shortened_flag_is_refused_not_taken_for_a_longer_one(capsys):
+    with pytest.raises(SystemExit):  # argparse's default took --lr for --lr-scheduler: "invalid choice: '0.1'"
+        finetune.get_args_parser().parse_args(['--lr', '0.1'])
+    assert 'unrecognized arguments: --lr 0.1' in capsys.readouterr().err
+
+
 def test_the_image_scan_survives_link_cycles_fifos_and_hidden_folders(tmp_path):
     write_images(tmp_path / 'data' / 'a', 2)
     write_images(tmp_path / 'data' / 'b', 1)
@@ -1951,7 +1957,7 @@ def test_another_run_into_a_used_output_is_refused_and_eval_needs_a_classifier(f
     other = tmp_path / 'other.pth'
     shutil.copy(finetuned / 'pre' / 'checkpoint.pth', other)
     with pytest.raises(SystemExit, match=r"--pretrained .*checkpoint.pth -> .*other.pth: a resumed run goes on from "
-                                         r"the weights of .*; --pretrained starts a new run: give it another --output"):
+                                         r"the weights of .*; leave --pretrained out to resume it, or start a new run"):
         finetune.main(finetune.get_args_parser().parse_args([
             '--pretrained', str(other), '--data-path', str(finetuned / 'data'), '--num-workers', '0', '--amp', 'off',
             '--batch-size', '4', '--epochs', '4', '--warmup-epochs', '0', '--base-lr', '1', '--mixup', '0',
@@ -2053,7 +2059,7 @@ def test_a_resume_refuses_pretrained_and_fewer_epochs_and_mends_a_finished_runs_
     run = tmp_path / 'run'
     pretrain.main(pretrain_args(tmp_path / 'data', run))  # 2 epochs
     with pytest.raises(SystemExit, match=r"^error: --pretrained none -> .*ckpt_epoch_0.pth: a resumed run goes on from "
-                                         r"the weights of '.*checkpoint.pth'; --pretrained starts a new run"):
+                                         r"the weights of '.*checkpoint.pth'; leave --pretrained out to resume it"):
         pretrain.main(pretrain_args(tmp_path / 'data', run, '--pretrained', str(run / 'ckpt_epoch_0.pth'),
                                     '--accept-changes'))  # it was listed as accepted, and never loaded
     with pytest.raises(SystemExit, match=r"checkpoint.pth' is past the end of --epochs 1 \(it is at the end of epoch "
