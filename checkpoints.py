@@ -291,14 +291,14 @@ def copy(path, to):
 
 def save_sharded(folder, entries, copies=()):
     """A checkpoint whose weights and optimizer state are sharded (FSDP), whole or absent: every
-    rank writes its shards (torch.distributed.checkpoint) into OUTPUT/shards-EPOCH.STEP and the
-    CRC-32s of a share of the files; then rank 0 writes checkpoint.pth, the manifest naming them
-    with the rest of entries, and its copies. Shard folders no manifest names are deleted."""
-    name = f"shards-{entries['epoch']}.{entries['step']}"
+    rank writes its shards (torch.distributed.checkpoint) into a new OUTPUT/shards-EPOCH.STEP-ID
+    and the CRC-32s of a share of the files; then rank 0 writes checkpoint.pth, the manifest
+    naming them with the rest of entries, and its copies. Shard folders no manifest names (a save
+    killed midway, or replaced) are deleted; a folder some manifest names is never written."""
+    token = [os.urandom(3).hex()]
+    dist.broadcast_object_list(token, src=0)
+    name = f"shards-{entries['epoch']}.{entries['step']}-{token[0]}"
     path, rank, world = os.path.join(folder, name), dist.get_rank(), dist.get_world_size()
-    if rank == 0 and os.path.exists(path):  # a save of this step killed before its manifest
-        shutil.rmtree(path)
-    dist.barrier()
     try:
         unwrapped(dcp.save, dict(model=entries['model'], optimizer=entries['optimizer']),
                   checkpoint_id=path)

@@ -2686,7 +2686,8 @@ def test_fsdp_trains_as_ddp(sharded):
     manifest = torch.load(sharded / 'fsdp' / 'checkpoint.pth', weights_only=True)
     assert 'model' not in manifest and sorted(manifest['sharded']['files']) == ['.metadata', '__0_0.distcp',
                                                                                '__1_0.distcp']
-    assert sorted(f for f in os.listdir(sharded / 'fsdp') if f.startswith('shards-')) == ['shards-0.4', 'shards-1.4']
+    folders = sorted(f for f in os.listdir(sharded / 'fsdp') if f.startswith('shards-'))
+    assert [re.sub('-[0-9a-f]{6}$', '', f) for f in folders] == ['shards-0.4', 'shards-1.4']
     key = 'encoder.layers.2.blocks.1.mlp.fc1.weight'  # the control: rank 1's half of one weight, moved by 1e-4
     perturbed = dict(fsdp, **{key: torch.cat([fsdp[key][:len(fsdp[key]) // 2], fsdp[key][len(fsdp[key]) // 2:] + 1e-4])})
     assert largest_gap(ddp, perturbed) > 1e-5
@@ -2735,8 +2736,8 @@ def test_a_missing_checkpoint_or_shard_folder_is_named_and_passed_over(sharded, 
                                                                  f"passed over"]
     os.makedirs(tmp_path / 'copy')  # a manifest copied without its shards
     shutil.copy(tmp_path / 'run' / 'ckpt_epoch_1.pth', tmp_path / 'copy')
-    with pytest.raises(checkpoints.Corrupt, match=r"names its shards' folder .*shards-1.4, which is missing: copy it "
-                                                  r"beside the checkpoint"):
+    with pytest.raises(checkpoints.Corrupt, match=r"names its shards' folder .*shards-1.4-\w+, which is missing: "
+                                                  r"copy it beside the checkpoint"):
         checkpoints.read(str(tmp_path / 'copy' / 'ckpt_epoch_1.pth'))
 
 
@@ -2773,6 +2774,29 @@ def test_an_fsdp_checkpoint_fine_tunes_without_fsdp_exports_and_loads(sharded, t
     with torch.no_grad():
         pooled = models.extract_features(simmim, x)[0]
         torch.testing.assert_close(exported.forward_head(exported.forward_features(x), pre_logits=True), pooled)
+
+
+def resave_worker(rank, port, folder, results):
+    os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.distributed.init_process_group('gloo')
+    try:  # epoch 1 step 4 saved twice, as by a run resumed from an earlier checkpoint into its own output
+        for value, copies in ((1., ['ckpt_epoch_1.pth']), (2., [])):
+            checkpoints.save_sharded(folder, dict(model={'w': torch.full((4,), value)}, optimizer={}, epoch=1, step=4),
+                                     copies)
+        for name in ('ckpt_epoch_1.pth', 'checkpoint.pth'):
+            path = os.path.join(folder, name)
+            sharded = checkpoints.manifest_of(path)['sharded']
+            checkpoints.verify_shards(path, sharded)  # Corrupt if its folder was written over
+            results[name] = checkpoints.gather_weights(checkpoints.shard_folder(path, sharded))['w'].tolist()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_sharded_save_never_writes_a_folder_another_checkpoint_names(tmp_path):
+    results = torch.multiprocessing.Manager().dict()
+    port = 29500 + (os.getpid() + 500) % 1000
+    torch.multiprocessing.spawn(resave_worker, args=(port, str(tmp_path), results), nprocs=1)
+    assert dict(results) == {'ckpt_epoch_1.pth': [1.] * 4, 'checkpoint.pth': [2.] * 4}  # it deleted and rewrote it
 
 
 def reshard_worker(rank, port, folder, results):
