@@ -211,8 +211,9 @@ class DeviceDecoder:
                              f"has one to stand in (e.g. {batch.crops[0].path})")
         substitute = readable[0] if readable else self.spare
         self.spare = substitute.clone()
-        for i, x in enumerate(rows):
-            skipped[i] += x is None
+        if len(readable) == len(rows):
+            return rows
+        skipped += torch.tensor([x is None for x in rows])
         return [substitute if x is None else x for x in rows]
 
     def decode(self, crops):
@@ -244,6 +245,14 @@ class DeviceDecoder:
         box = image[None, :, top:top + height, left:left + width].float()
         box = torch.nn.functional.interpolate(box, self.size, mode='bilinear', antialias=True)
         return box.flip(-1) if crop.flip else box
+
+
+def batch_to_device(dataset, img_size, normalize, device):
+    """-> f(images, skipped): a loader batch's images on device, a DeviceDecoder for an encoded
+    dataset's (which counts the JPEGs it replaces in skipped), else copied."""
+    if dataset.encoded:
+        return DeviceDecoder(img_size, normalize, device)
+    return lambda images, _: images.to(device, non_blocking=True)
 
 
 def eval_transform(img_size, normalize, crop_pct=224 / 256):

@@ -227,9 +227,10 @@ def recipe(args, run, defaults, inherited=None):
     return values
 
 
-def warn_unused(run, args, mode, keys):
-    """A mode (--eval, --stats, ...) that takes none of these flags names those given."""
-    given = [f"--{k.replace('_', '-')}" for k in keys if getattr(args, k, None) is not None]
+def warn_unused(run, args, mode, flags, used=()):
+    """A mode (--eval, --stats, ...) names the flags given among these that it does not use."""
+    given = [f"--{k.replace('_', '-')}" for k in flags
+             if k not in used and getattr(args, k, None) is not None]
     if given:
         run.print(f"warning: {mode} does not use {', '.join(given)}: ignored")
 
@@ -704,9 +705,10 @@ class Trainer:
             return
         for module in self.model.modules():
             for name in ('running_mean', 'running_var'):
-                if getattr(module, name, None) is not None:
-                    dist.all_reduce(getattr(module, name))
-                    getattr(module, name).div_(self.run.world_size)
+                stat = getattr(module, name, None)
+                if stat is not None:
+                    dist.all_reduce(stat)
+                    stat.div_(self.run.world_size)
 
     def check_nonfinite(self, step, final=False):
         """-> the number of skipped non-finite steps; a ValueError after --max-nonfinite of them

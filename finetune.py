@@ -169,10 +169,10 @@ def check_modes(args, run):
     if modes and args.resume and args.pretrained:
         raise ValueError(f"{modes[0]} uses one checkpoint: pass --resume or --pretrained")
     if modes:  # what each mode takes besides its checkpoint (pretrained, linear_probe, probe_block)
-        kept = {'--eval': ('batch_size', 'amp', 'data_path'), '--predict': ('amp',),
+        used = {'--eval': ('batch_size', 'amp', 'data_path'), '--predict': ('amp',),
                 '--throughput': ('batch_size', 'amp'), '--export': ()}[modes[0]]
-        kept += ('pretrained', 'linear_probe', 'probe_block')
-        engine.warn_unused(run, args, modes[0], [k for k in RECIPE if k not in kept])
+        used += ('pretrained', 'linear_probe', 'probe_block')
+        engine.warn_unused(run, args, modes[0], RECIPE, used)
 
 
 def check_sources(args, resumed, source, use):
@@ -457,10 +457,11 @@ def evaluate(model, loader, run, amp_context, sharded=False):
     k = model.num_classes
     totals = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss, top-5 hits, images
     confusion = torch.zeros(k * k, dtype=torch.float64, device=run.device)
-    extra = torch.tensor(len(loader), device=run.device)
+    extra = 0  # forwards to run beyond this rank's batches
     if sharded:
-        dist.all_reduce(extra, dist.ReduceOp.MAX)
-    extra = int(extra) - len(loader)
+        most = torch.tensor(len(loader), device=run.device)
+        dist.all_reduce(most, dist.ReduceOp.MAX)
+        extra = int(most) - len(loader)
     for images, targets, skipped in loader:
         readable = (skipped == 0).to(run.device)  # an unreadable file's stand-in: not counted
         images = images.to(run.device, non_blocking=True)
@@ -472,9 +473,11 @@ def evaluate(model, loader, run, amp_context, sharded=False):
         sums = [(loss * readable).sum(), (top5 & readable).sum(), readable.sum()]
         totals += torch.stack(sums).double()
         confusion.index_add_(0, targets * k + logits.argmax(1), readable.double())  # no wait
-    for _ in range(extra):
-        with amp_context:
-            model(loader.dataset[0][0][None].to(run.device))
+    if extra:
+        image = loader.dataset[0][0][None].to(run.device)
+        for _ in range(extra):
+            with amp_context:
+                model(image)
     if run.distributed:
         dist.all_reduce(totals)
         dist.all_reduce(confusion)

@@ -161,13 +161,12 @@ def pretrain(args, run):
 
 
 def images_to_device(args, dataset, config, normalize, run):
-    """The loader's images -> the device's batch: data.DeviceDecoder for --decode device."""
-    if dataset.encoded:
-        return data.DeviceDecoder(config.img_size, normalize, run.device)
-    if args.decode == 'device':
+    """The loader's images -> the device's batch (data.batch_to_device); a warning where
+    --decode device cannot take the images."""
+    if args.decode == 'device' and not dataset.encoded:
         run.print(f"warning: --decode device decodes RGB JPEGs for 3-channel models; these "
                   f"{config.in_chans}-channel images are decoded by the workers")
-    return lambda images, _: images.to(run.device, non_blocking=True)
+    return data.batch_to_device(dataset, config.img_size, normalize, run.device)
 
 
 def masking(config, recipe, run):
@@ -218,9 +217,8 @@ def picture_batch(dataset, transform, mask_generator, device, n=8):
 def stats(args, run):
     """--stats: the --mean and --std that normalise --data-path (under --intensity) to mean 0 and
     std 1."""
-    used = ('in_chans', 'intensity', 'data_path')
-    unused = [k for k in (*models.FIELDS, *RECIPE) if k not in used]
-    engine.warn_unused(run, args, '--stats', unused)
+    engine.warn_unused(run, args, '--stats', (*models.FIELDS, *RECIPE),
+                       used=('in_chans', 'intensity', 'data_path'))
     given = {k: getattr(args, k) for k in ('in_chans', 'intensity') if getattr(args, k)}
     dataset = data.ImageDataset(args.data_path or DEMO_DATA, None, **given)
     mean, std, n = data.folder_stats(dataset)
@@ -239,8 +237,8 @@ def reconstruct(args, run):
         files = data.image_files(args.reconstruct)
     except ValueError as e:
         raise ValueError(f"--reconstruct: {e}") from None
-    kept = ('pretrained', 'mask_patch_size', 'mask_ratio', 'seed')
-    engine.warn_unused(run, args, '--reconstruct', [k for k in RECIPE if k not in kept])
+    engine.warn_unused(run, args, '--reconstruct', RECIPE,
+                       used=('pretrained', 'mask_patch_size', 'mask_ratio', 'seed'))
     config, recipe, _, source = settings(args, run, resume=False)
     if not source.simmim:
         raise ValueError(f"'{args.pretrained}' holds no SimMIM decoder (a classifier?): "

@@ -344,8 +344,7 @@ def data_rate(args, folder, decode, device):
     pretrain.py's loss_fn takes them."""
     dataset, normalize = pipeline(args, folder, decode)
     loader = data.build_loader(dataset, args.data_batch, args.num_workers, 0)
-    to_device = data.DeviceDecoder(args.img_size or 192, normalize, device) if dataset.encoded \
-        else lambda images, _: images.to(device, non_blocking=True)
+    to_device = data.batch_to_device(dataset, args.img_size or 192, normalize, device)
     loader.sampler.set_epoch(0)
     batches = iter(loader)
     (images, _), _, skipped = next(batches)
